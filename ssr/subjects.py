@@ -1,0 +1,154 @@
+"""From user subjects (image + text query or mask) to the subject context of a generation.
+
+``SubjectEmbedder`` runs CLIP vision, the query encoder and the aligner once per subject,
+caches the results by content (image bytes, query, mask, weights) and builds the two
+contexts the attention handle needs: the subjects' tokens and the unconditional tokens.
+
+Several subjects (method doc, section 7): each is encoded separately (462 tokens) and the
+contexts are concatenated, so one softmax runs over all subjects' tokens. A subject's
+``weight`` multiplies its tokens' *values*: its share of the branch output is scaled by the
+weight while the attention distribution stays as trained (weight 0 removes its content but
+keeps its softmax mass; 1 is the reference behaviour).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .image_encoder import ClipImageEncoder, ImageLike, clip_preprocess, mask_logit_bias, to_pil_rgb, unconditional_pixels
+from .subject_encoder import attention_heatmap
+from .weights import SSRWeights
+
+TextEncoder = Callable[[List[str]], torch.Tensor]  # texts -> [B, 77, D]
+
+
+@dataclass
+class Subject:
+    """One selected subject. ``mask``: white/1 = selected, None = text query mode."""
+
+    image: ImageLike
+    query: str = ""
+    mask: Optional[ImageLike] = None
+    weight: float = 1.0
+    mask_weight: float = 5.0
+
+    @property
+    def mode(self) -> str:
+        return "mask" if self.mask is not None else "text"
+
+
+@dataclass
+class EncodedSubjects:
+    """tokens: [2, S*462, D] (row 0 subjects, row 1 unconditional); value_weights [S*462];
+    attention: per subject A [heads, 77, 257]; heatmaps: per subject [16, 16] in [0,1]."""
+
+    tokens: torch.Tensor
+    value_weights: torch.Tensor
+    attention: List[torch.Tensor] = field(default_factory=list)
+    heatmaps: List[torch.Tensor] = field(default_factory=list)
+
+    SUBJECT, UNCONDITIONAL = 0, 1
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha1()
+    for p in parts:
+        if isinstance(p, np.ndarray):
+            h.update(str(p.shape).encode())
+            h.update(np.ascontiguousarray(p).tobytes())
+        else:
+            h.update(repr(p).encode())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+class SubjectEmbedder:
+    """Encodes subjects with a CLIP image encoder, SSR weights and the SD text encoder.
+
+    ``model_key`` identifies the (CLIP, SSR, SD text encoder) triple in cache keys; a new
+    triple needs a new embedder or a different key. Results are cached on CPU (LRU).
+    """
+
+    def __init__(self, image_encoder: ClipImageEncoder, ssr: SSRWeights, encode_text: TextEncoder,
+                 model_key: str = "", cache_size: int = 32):
+        self.image_encoder = image_encoder
+        self.ssr = ssr
+        self.encode_text = encode_text
+        self.model_key = model_key
+        self.cache_size = cache_size
+        self._cache: "OrderedDict[str, Tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+        self.cache_hits = 0
+
+    def _remember(self, key: str, value):
+        self._cache[key] = value
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def _recall(self, key: str):
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            self.cache_hits += 1
+            return self._cache[key]
+        return None
+
+    @torch.no_grad()
+    def _encode(self, pixels: torch.Tensor, queries: List[str], bias: Optional[torch.Tensor]):
+        """pixels [B,3,S,S], queries B texts, bias [B,T] or None -> (c_s [B,462,D], A [B,h,77,T])."""
+        states = self.image_encoder(pixels)
+        enc = self.ssr.encoder
+        param = next(enc.parameters())
+        z_q = self.encode_text(queries).to(device=param.device, dtype=param.dtype)
+        states = [s.to(device=param.device, dtype=param.dtype) for s in states]
+        tokens, attn = enc(z_q, states, None if bias is None else bias.to(param.device))
+        return tokens.float().cpu(), attn.float().cpu()
+
+    def encode(self, subjects: Sequence[Subject]) -> EncodedSubjects:
+        """Subjects -> contexts for ``SubjectAttention.set_context(result.tokens, result.value_weights)``."""
+        if not subjects:
+            raise ValueError("no subjects to encode")
+        size = self.image_encoder.config.image_size
+        grid = self.image_encoder.config.grid
+        rgb = [to_pil_rgb(s.image, what=f"subject {i + 1} image") for i, s in enumerate(subjects)]
+        biases = [None if s.mask is None else mask_logit_bias(s.mask, s.mask_weight, grid, what=f"subject {i + 1} mask")
+                  for i, s in enumerate(subjects)]
+        keys = [_digest(self.model_key, np.asarray(im), s.query, None if b is None else b.numpy())
+                for im, s, b in zip(rgb, subjects, biases)]
+        todo = [i for i, k in enumerate(keys) if self._recall(k) is None]
+        if todo:
+            pixels = clip_preprocess([rgb[i] for i in todo], size)
+            bias = None
+            if any(biases[i] is not None for i in todo):
+                bias = torch.stack([biases[i] if biases[i] is not None else torch.zeros(grid * grid + 1) for i in todo])
+            tokens, attn = self._encode(pixels, [subjects[i].query for i in todo], bias)
+            for j, i in enumerate(todo):
+                self._remember(keys[i], (tokens[j], attn[j]))
+        cond = [self._cache[k] for k in keys]
+        uncond = [self.unconditional(b) for b in biases]
+        per_subject = cond[0][0].shape[0]
+        weights = torch.cat([torch.full((per_subject,), float(s.weight)) for s in subjects])
+        tokens = torch.stack([torch.cat([c[0] for c in cond]), torch.cat(uncond)])
+        return EncodedSubjects(tokens, weights, [c[1] for c in cond],
+                               [attention_heatmap(c[1][None], grid)[0] for c in cond])
+
+    def unconditional(self, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """aligner(text_encoder(""), clip(zero input)) -> [462, D], with the subject's mask bias
+        if it has one (the reference applies the same bias to both branches). Cached."""
+        key = _digest(self.model_key, "uncond", None if bias is None else bias.numpy())
+        hit = self._recall(key)
+        if hit is None:
+            size = self.image_encoder.config.image_size
+            tokens, attn = self._encode(unconditional_pixels(1, size), [""], None if bias is None else bias[None])
+            hit = (tokens[0], attn[0])
+            self._remember(key, hit)
+        return hit[0]
+
+    def preview(self, subject: Subject) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> (heatmap [grid, grid] in [0,1], A [heads, 77, T]) of one subject's query."""
+        encoded = self.encode([subject])
+        return encoded.heatmaps[0], encoded.attention[0]

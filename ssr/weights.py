@@ -1,0 +1,263 @@
+"""SSR-Encoder weights: the trainable parts, and the file formats they come in.
+
+Formats (recognised from the keys, never from file names):
+- official pair: ``pytorch_model.bin`` (aligner: ``aligner.to_q.weight``,
+  ``aligner.processor.to_v.{k}.weight``, ``norm.*`` ...) + ``pytorch_model_1.bin``
+  (``{i}.to_k_SSR.weight`` / ``{i}.to_v_SSR.weight`` for odd i = 1..31),
+- safetensors re-export pair: ``ssr_aligner.safetensors`` (``to_q.weight``, ``to_v.{k}.weight``
+  ...) + ``ssr_attentions.safetensors`` (same ``{i}.to_k_SSR.weight`` keys),
+- our single file: ``encoder.*`` + ``attention.{j}.to_k.weight`` (j = canonical position
+  0..15) and metadata (format version, base family, layer widths, source).
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .attention import SubjectAttentionWeights
+from .files import WeightFileError, read_state_dict
+from .layers import canonical_position, official_index
+from .subject_encoder import SubjectEncoder, SubjectEncoderConfig
+
+FORMAT_NAME = "ssr-encoder"
+FORMAT_VERSION = "1"
+DEFAULT_HEADS = 8  # the aligner's head count; not recoverable from the weights
+FAMILIES = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+_OFFICIAL_LAYER = re.compile(r"^(\d+)\.to_([kv])_SSR\.weight$")
+_PAIR_NAMES = (("pytorch_model.bin", "pytorch_model_1.bin"), ("ssr_aligner.safetensors", "ssr_attentions.safetensors"))
+
+
+class SSRWeights(nn.Module):
+    """All trainable SSR-Encoder parts: ``encoder`` (aligner + subject encoder) and
+    ``attention`` (K_S/V_S per attn2 layer, canonical order). ``metadata`` travels with it."""
+
+    def __init__(self, encoder_config: SubjectEncoderConfig = SubjectEncoderConfig(),
+                 widths: Sequence[int] = (320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320, 1280),
+                 metadata: Optional[Dict[str, str]] = None):
+        super().__init__()
+        self.encoder = SubjectEncoder(encoder_config)
+        self.attention = SubjectAttentionWeights(widths, encoder_config.text_dim)
+        self.metadata: Dict[str, str] = dict(metadata or {})
+
+    @property
+    def family(self) -> str:
+        return FAMILIES.get(self.attention.context_dim, "unknown")
+
+    def describe(self) -> Dict[str, str]:
+        """Metadata written into our single-file format."""
+        c = self.encoder.config
+        return {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "base": self.family,
+            "layers": str(len(self.attention)), "widths": ",".join(map(str, self.attention.widths)),
+            "context_dim": str(self.attention.context_dim), "image_dim": str(c.image_dim),
+            "inner_dim": str(c.inner_dim), "heads": str(c.heads), "num_scales": str(c.num_scales),
+        }
+
+
+# ------------------------------------------------------------------------ key layouts
+
+def _aligner_from_official(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("aligner.processor."):
+            out[k[len("aligner.processor."):]] = v
+        elif k.startswith("aligner."):
+            out[k[len("aligner."):]] = v
+        else:
+            out[k] = v
+    return out
+
+
+def _attention_from_official(sd: Dict[str, torch.Tensor], path: str) -> Dict[str, torch.Tensor]:
+    out, unexpected = {}, []
+    for k, v in sd.items():
+        m = _OFFICIAL_LAYER.match(k)
+        if not m or int(m.group(1)) % 2 == 0:
+            unexpected.append(k)
+            continue
+        out[f"{canonical_position(int(m.group(1)))}.to_{m.group(2)}.weight"] = v
+    if unexpected:
+        raise WeightFileError(f"{path}: unexpected keys for SSR layer weights (expected odd '{{i}}.to_k_SSR.weight'): {unexpected[:4]}")
+    return out
+
+
+def _kind_of(sd: Dict[str, torch.Tensor]) -> str:
+    keys = set(sd)
+    if any(k.startswith("encoder.") for k in keys) and any(k.startswith("attention.") for k in keys):
+        return "single"
+    if any(_OFFICIAL_LAYER.match(k) for k in keys):
+        return "layers"
+    if "aligner.to_q.weight" in keys or "to_q.weight" in keys:
+        return "aligner"
+    return "unknown"
+
+
+def _encoder_config(enc: Dict[str, torch.Tensor], heads: int, path: str) -> SubjectEncoderConfig:
+    try:
+        inner, text_dim = enc["to_q.weight"].shape
+        image_dim = enc["to_k.weight"].shape[1]
+    except KeyError as e:
+        raise WeightFileError(f"{path}: aligner weights lack {e}") from e
+    scales = len({k.split(".")[1] for k in enc if k.startswith("to_v.")})
+    return SubjectEncoderConfig(text_dim=text_dim, image_dim=image_dim, inner_dim=inner, heads=heads, num_scales=scales)
+
+
+def _widths(att: Dict[str, torch.Tensor], path: str) -> List[int]:
+    positions = sorted({int(k.split(".")[0]) for k in att})
+    if positions != list(range(len(positions))):
+        missing = sorted(set(range(max(positions) + 1)) - set(positions)) if positions else [0]
+        raise WeightFileError(f"{path}: layer weights are missing layers {[official_index(p) for p in missing]} (official numbering)")
+    return [att[f"{p}.to_k.weight"].shape[0] if f"{p}.to_k.weight" in att else 0 for p in positions]
+
+
+def _build(enc: Dict[str, torch.Tensor], att: Dict[str, torch.Tensor], heads: int,
+           sources: Tuple[str, str], metadata: Dict[str, str], expect_family: Optional[str]) -> SSRWeights:
+    config = _encoder_config(enc, heads, sources[0])
+    if not att:
+        raise WeightFileError(f"{sources[1]}: holds no SSR layer weights")
+    widths = _widths(att, sources[1])
+    context_dim = next(iter(att.values())).shape[1]
+    family = FAMILIES.get(context_dim, "unknown")
+    if expect_family and family != expect_family:
+        raise WeightFileError(
+            f"{sources[1]}: these SSR layer weights take a {context_dim}-dim text context "
+            f"({FAMILY_LABELS.get(family, 'unknown family')}); expected {FAMILY_LABELS[expect_family]} weights")
+    if expect_family == "sd1" and len(widths) != 16:
+        raise WeightFileError(f"{sources[1]}: {len(widths)} layers; SD1.x SSR weights have 16 attn2 layers")
+    model = SSRWeights(config, widths, metadata)
+    for part, sd, module, path in (("encoder", enc, model.encoder, sources[0]), ("attention", att, model.attention, sources[1])):
+        expected = module.state_dict()
+        missing = sorted(set(expected) - set(sd))
+        unexpected = sorted(set(sd) - set(expected))
+        if missing or unexpected:
+            raise WeightFileError(f"{path}: {part} weights do not match the SSR layout: "
+                                  f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+        bad = [f"{k}: {tuple(sd[k].shape)}, expected {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
+        if bad:
+            raise WeightFileError(f"{path}: wrong tensor shapes in {part} weights: {bad[:3]}")
+        module.load_state_dict({k: v.float() for k, v in sd.items()})
+    model.metadata.setdefault("source", " + ".join(dict.fromkeys(os.path.basename(s) for s in sources)))
+    return model
+
+
+# ------------------------------------------------------------------------ public API
+
+def find_partner(path: str, kind: str) -> Optional[str]:
+    """For one file of a pair, the other file in the same folder (by the known names)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    for aligner, layers in _PAIR_NAMES:
+        candidate = layers if kind == "aligner" else aligner
+        here = os.path.basename(path)
+        if here in (aligner, layers) and os.path.isfile(os.path.join(folder, candidate)):
+            return os.path.join(folder, candidate)
+    for aligner, layers in _PAIR_NAMES:  # any known partner name, if the file was renamed
+        candidate = os.path.join(folder, layers if kind == "aligner" else aligner)
+        if os.path.isfile(candidate) and os.path.abspath(candidate) != os.path.abspath(path):
+            return candidate
+    return None
+
+
+def load_ssr_weights(source: Union[str, Sequence[str]], expect_family: Optional[str] = "sd1") -> SSRWeights:
+    """Load SSR weights from our single file, a folder holding a pair, one file of a pair
+    (its partner is found beside it), or an explicit (aligner, layers) pair of paths.
+    Raises WeightFileError naming the file for anything missing, mismatched or truncated."""
+    if isinstance(source, (list, tuple)):
+        paths = list(source)
+    elif os.path.isdir(source):
+        paths = [os.path.join(source, n) for pair in _PAIR_NAMES for n in pair if os.path.isfile(os.path.join(source, n))][:2]
+        if len(paths) != 2:
+            raise WeightFileError(f"{source}: folder holds no SSR weight pair ({' + '.join(_PAIR_NAMES[0])} or {' + '.join(_PAIR_NAMES[1])})")
+    else:
+        paths = [source]
+
+    loaded = {}
+    for path in paths:
+        sd, meta = read_state_dict(path)
+        kind = _kind_of(sd)
+        if kind == "unknown":
+            raise WeightFileError(f"{path}: not an SSR-Encoder weight file (first keys: {sorted(sd)[:4]})")
+        if kind in loaded:
+            raise WeightFileError(f"{path}: two {kind} files given ({loaded[kind][0]} and {path})")
+        loaded[kind] = (path, sd, meta)
+        if kind in ("aligner", "layers") and len(paths) == 1:
+            partner = find_partner(path, kind)
+            if partner is None:
+                need = "layer weights (pytorch_model_1.bin / ssr_attentions.safetensors)" if kind == "aligner" \
+                    else "aligner weights (pytorch_model.bin / ssr_aligner.safetensors)"
+                raise WeightFileError(f"{path}: holds only the {kind} half of SSR weights; put its {need} beside it")
+            paths.append(partner)
+
+    if "single" in loaded:
+        path, sd, meta = loaded["single"]
+        if meta.get("format", FORMAT_NAME) != FORMAT_NAME or int(meta.get("format_version", FORMAT_VERSION)) > int(FORMAT_VERSION):
+            raise WeightFileError(f"{path}: format {meta.get('format')} v{meta.get('format_version')} is newer than this "
+                                  f"extension supports (v{FORMAT_VERSION}); update the extension")
+        enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+        att = {k[len("attention."):]: v for k, v in sd.items() if k.startswith("attention.")}
+        stray = [k for k in sd if not k.startswith(("encoder.", "attention."))]
+        if stray:
+            raise WeightFileError(f"{path}: unexpected keys {stray[:4]}")
+        return _build(enc, att, int(meta.get("heads", DEFAULT_HEADS)), (path, path), meta, expect_family)
+    if set(loaded) != {"aligner", "layers"}:
+        raise WeightFileError(f"{', '.join(paths)}: need both aligner and layer weights, got only {', '.join(loaded)}")
+    apath, asd, _ = loaded["aligner"]
+    lpath, lsd, _ = loaded["layers"]
+    return _build(_aligner_from_official(asd), _attention_from_official(lsd, lpath), DEFAULT_HEADS,
+                  (apath, lpath), {"source": f"{os.path.basename(apath)} + {os.path.basename(lpath)}"}, expect_family)
+
+
+def save_ssr_weights(model: SSRWeights, path: str, extra_metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write our single-file ``.safetensors`` (fp32 unless the module is cast) with metadata."""
+    from safetensors.torch import save_file
+
+    metadata = {k: str(v) for k, v in model.metadata.items()}
+    metadata.update({k: str(v) for k, v in (extra_metadata or {}).items()})
+    metadata.update(model.describe())
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)  # never leave a half-written file under the real name
+
+
+def official_state_dicts(model: SSRWeights) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """-> (aligner dict in the official ``pytorch_model.bin`` layout, layer dict in the
+    ``pytorch_model_1.bin`` layout). Used by tests and by anyone exporting to the reference code."""
+    aligner = {}
+    for k, v in model.encoder.state_dict().items():
+        if k.startswith(("to_v.", "to_out.")):
+            aligner["aligner.processor." + k] = v
+        elif k.startswith(("to_q.", "to_k.")):
+            aligner["aligner." + k] = v
+        else:
+            aligner[k] = v
+    layers = {}
+    for j, kv in enumerate(model.attention):
+        layers[f"{official_index(j)}.to_k_SSR.weight"] = kv.to_k.weight.detach().clone()
+        layers[f"{official_index(j)}.to_v_SSR.weight"] = kv.to_v.weight.detach().clone()
+    return aligner, layers
+
+
+def reexport_state_dicts(model: SSRWeights) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """-> (``ssr_aligner.safetensors`` dict, ``ssr_attentions.safetensors`` dict)."""
+    aligner, layers = official_state_dicts(model)
+    return {k.replace("aligner.processor.", "").replace("aligner.", ""): v for k, v in aligner.items()}, layers
+
+
+def short_hash(path: str, length: int = 8) -> str:
+    """First hex digits of the file's sha256 (the WebUI's convention for model hashes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+def parameter_count(modules: Iterable[nn.Module]) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())

@@ -162,28 +162,36 @@ class SubjectAttention:
 
     def subject_attention(self, index: int, layer: nn.Module, query: torch.Tensor) -> Optional[torch.Tensor]:
         """query [B, N, C] (the layer's to_q output) -> Attn(Q, K_S, V_S) [B, N, C] with zeros in
-        rows without a context, or None when no row has one."""
+        rows without a context, or None when no row has one.
+
+        Rows are served in runs of consecutive rows sharing a context (cond rows, then uncond
+        rows, in the WebUI), by slicing: no index tensor is built, so nothing waits on a
+        host-to-device copy inside the sampling loop.
+        """
         batch, n, c = query.shape
         rows = self._row_contexts(batch)
-        active = [r for r, ctx in enumerate(rows) if ctx is not None]
-        if not active:
+        if all(r is None for r in rows):
             return None
         heads = layer.heads
         k, v = self._projected(index, heads, query.dtype, query.device)
-        contexts = [rows[r] for r in active]
-        if k.shape[0] == 1:
-            k, v = k.expand(len(active), -1, -1, -1), v.expand(len(active), -1, -1, -1)
-        elif contexts != list(range(k.shape[0])):
-            idx = torch.tensor(contexts, device=query.device)
-            k, v = k.index_select(0, idx), v.index_select(0, idx)
-        q = query if len(active) == batch else query[active]
-        q = q.reshape(len(active), n, heads, c // heads).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(len(active), n, c)
-        if len(active) == batch:
-            return out
-        full = query.new_zeros(query.shape)
-        full[active] = out
-        return full
+        q = query.reshape(batch, n, heads, c // heads).transpose(1, 2)
+        if rows == list(range(k.shape[0])):  # one context per row (training)
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, n, c)
+        pieces, start = [], 0
+        while start < batch:
+            end = start + 1
+            while end < batch and rows[end] == rows[start]:
+                end += 1
+            ctx = rows[start]
+            if ctx is None:
+                pieces.append(query.new_zeros(end - start, n, c))
+            else:
+                kk = k[ctx:ctx + 1].expand(end - start, -1, -1, -1)
+                vv = v[ctx:ctx + 1].expand(end - start, -1, -1, -1)
+                out = F.scaled_dot_product_attention(q[start:end], kk, vv)
+                pieces.append(out.transpose(1, 2).reshape(end - start, n, c))
+            start = end
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     # ------------------------------------------------------------------ hooks
     def _hooks_for(self, index: int, layer: nn.Module):

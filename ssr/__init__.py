@@ -18,7 +18,7 @@ from .attention import (IncompatibleUNetError, SubjectAttention, SubjectAttentio
                         install_subject_attention, installed_subject_attention)
 from .clip_checkpoints import load_clip_image_encoder
 from .files import WeightFileError
-from .image_encoder import ClipImageEncoder, VisionConfig, clip_preprocess, mask_logit_bias
+from .image_encoder import ClipImageEncoder, VisionConfig, clip_preprocess, mask_logit_bias, mask_logit_biases
 from .layers import find_cross_attention_layers
 from .subject_encoder import SubjectEncoder, SubjectEncoderConfig
 from .subjects import EncodedSubjects, Subject, SubjectEmbedder
@@ -31,5 +31,5 @@ __all__ = [
     "SubjectAttention", "SubjectAttentionWeights", "SubjectEmbedder", "SubjectEncoder",
     "SubjectEncoderConfig", "VisionConfig", "WeightFileError", "clip_preprocess",
     "find_cross_attention_layers", "install_subject_attention", "installed_subject_attention",
-    "load_clip_image_encoder", "load_ssr_weights", "mask_logit_bias", "save_ssr_weights",
+    "load_clip_image_encoder", "load_ssr_weights", "mask_logit_bias", "mask_logit_biases", "save_ssr_weights",
 ]

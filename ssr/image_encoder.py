@@ -227,3 +227,11 @@ def mask_logit_bias(mask: ImageLike, weight: float = 5.0, grid: int = 16, what: 
     small = F.interpolate(t, size=(grid, grid), mode="bilinear", align_corners=False).flatten()
     bias = weight * (small * (1.0 + weight) - 1.0)
     return torch.cat([torch.ones(1), bias])
+
+
+def mask_logit_biases(masks: Union[torch.Tensor, Sequence[ImageLike]], weight: float = 5.0, grid: int = 16) -> torch.Tensor:
+    """Batched ``mask_logit_bias``: a [B, H, W] tensor/array or a list of masks of any sizes
+    -> [B, grid*grid + 1]."""
+    if isinstance(masks, (torch.Tensor, np.ndarray)) and masks.ndim == 3:
+        masks = list(masks)
+    return torch.stack([mask_logit_bias(m, weight, grid, what=f"mask {i}") for i, m in enumerate(masks)])

@@ -1,0 +1,59 @@
+"""Mirrors modules/infotext_utils.py: quote()/unquote() and parse_generation_parameters() (the "PNG info" parser)."""
+import json
+import re
+
+re_param_code = r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)'
+re_param = re.compile(re_param_code)
+re_imagesize = re.compile(r"^(\d+)x(\d+)$")
+
+
+def quote(text):
+    if ',' not in str(text) and '\n' not in str(text) and ':' not in str(text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def unquote(text):
+    if len(text) == 0 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        return json.loads(text)
+    except Exception:
+        return text
+
+
+def parse_generation_parameters(x: str):
+    """Infotext -> dict of {"Prompt", "Negative prompt", "<Key>": "value", "Size-1", "Size-2", ...} (all values str)."""
+    res = {}
+    prompt = ""
+    negative_prompt = ""
+    done_with_prompt = False
+
+    *lines, lastline = x.strip().split("\n")
+    if len(re_param.findall(lastline)) < 3:
+        lines.append(lastline)
+        lastline = ''
+
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            done_with_prompt = True
+            line = line[16:].strip()
+        if done_with_prompt:
+            negative_prompt += ("" if negative_prompt == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+
+    res["Prompt"] = prompt
+    res["Negative prompt"] = negative_prompt
+
+    for k, v in re_param.findall(lastline):
+        if v[0] == '"' and v[-1] == '"':
+            v = unquote(v)
+        m = re_imagesize.match(v)
+        if m is not None:
+            res[f"{k}-1"] = m.group(1)
+            res[f"{k}-2"] = m.group(2)
+        else:
+            res[k] = v
+    return res

@@ -143,13 +143,24 @@ class SubjectAttention:
         rows = list(rows)
         if len(rows) != batch:
             raise RuntimeError(f"subject attention: the UNet was called with {batch} rows, but rows for {len(rows)} were set")
+        contexts = self._tokens.shape[0]
+        bad = [c for c in rows if c is not None and not 0 <= c < contexts]
+        if bad:  # else index_select fails obscurely, or a single context silently serves any index
+            raise RuntimeError(f"subject attention: rows name context index {bad[0]}, but set_context was given "
+                               f"{contexts} (indices 0..{contexts - 1})")
         return rows
 
     def _projected(self, index: int, heads: int, dtype: torch.dtype, device: torch.device):
-        """-> K_S, V_S [S, heads, M, head_dim] for layer ``index``, cached per dtype/device."""
+        """-> K_S, V_S [S, heads, M, head_dim] for layer ``index``, cached per dtype/device.
+
+        Not cached while autograd records them (training): a cached K/V would tie every call
+        to the first call's graph, and gradient checkpointing's recomputation would then save
+        different tensors than the original forward (torch CheckpointError)."""
         key = (index, dtype, device)
-        if key not in self._kv:
-            kv = self.weights[index]
+        kv = self.weights[index]
+        recording = torch.is_grad_enabled() and (self._tokens.requires_grad or kv.to_k.weight.requires_grad
+                                                 or kv.to_v.weight.requires_grad)
+        if recording or key not in self._kv:
             tokens = self._tokens.to(device)
             k = F.linear(tokens.to(kv.to_k.weight.dtype), kv.to_k.weight.to(device))
             v = F.linear(tokens.to(kv.to_v.weight.dtype), kv.to_v.weight.to(device))
@@ -157,7 +168,10 @@ class SubjectAttention:
                 w = self._value_weights.to(device=device, dtype=v.dtype)
                 v = v * (w[None, :, None] if w.ndim == 1 else w[:, :, None])
             s, m, c = k.shape
-            self._kv[key] = tuple(t.to(dtype).view(s, m, heads, c // heads).transpose(1, 2) for t in (k, v))
+            projected = tuple(t.to(dtype).view(s, m, heads, c // heads).transpose(1, 2) for t in (k, v))
+            if recording:
+                return projected
+            self._kv[key] = projected
         return self._kv[key]
 
     def subject_attention(self, index: int, layer: nn.Module, query: torch.Tensor) -> Optional[torch.Tensor]:

@@ -71,6 +71,13 @@ def read_torch_checkpoint(path: str) -> Dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle, zip and unpickler errors all mean "bad file"
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if msg.startswith("Weights only load failed"):  # torch's text advises the unsafe weights_only=False
+            text = str(e)
+            if "WeightsUnpickler error:" in text:  # torch 2.1 names the refused object after this
+                refused = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[:1]
+            else:  # newer torch names it on a "GLOBAL" line
+                refused = [line.strip() for line in text.splitlines() if "GLOBAL" in line][:1]
+            msg = "it holds pickled objects other than tensors" + (f": {refused[0]}" if refused else "")
         raise WeightFileError(
             f"{path}: cannot load as a PyTorch weight file ({msg}). It is truncated, not a weight "
             "file, or contains pickled code, which is refused for safety; prefer .safetensors") from e

@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 import controlnet_standin  # noqa: E402
 import harness  # noqa: E402
 import launch  # noqa: E402
-import tiny_sd  # noqa: E402
+import sd_model_standin as tiny_sd  # noqa: E402
 from modules import errors, script_callbacks, scripts, sd_hijack, shared  # noqa: E402
 from modules.api import api  # noqa: E402
 from modules.ui_components import InputAccordion  # noqa: E402

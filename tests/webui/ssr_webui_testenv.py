@@ -38,7 +38,7 @@ def _load_standin_module(name):
     return sys.modules[module_name]
 
 
-tiny_sd = _load_standin_module("tiny_sd")
+tiny_sd = _load_standin_module("sd_model_standin")
 
 
 TITLE = "SSR-Encoder"

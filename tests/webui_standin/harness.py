@@ -1,7 +1,7 @@
 """Drives the stand-in the way the WebUI does, and resets it between tests. Not a WebUI module (test support).
 
     import sys; sys.path.insert(0, "<repo>/tests/webui_standin")
-    import harness, tiny_sd
+    import harness, sd_model_standin as tiny_sd
     harness.reset_webui_state()
     txt2img_runner, img2img_runner = harness.start_webui([extension_dir], sd_model=tiny_sd.make_tiny_sd_model())
     processed = harness.txt2img(txt2img_runner, script_args_by_title={"SSR-Encoder": [True, ...]}, prompt="a cat", steps=3, width=64, height=64)

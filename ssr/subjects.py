@@ -13,13 +13,13 @@ keeps its softmax mass; 1 is the reference behaviour).
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from .cache import LRU
 from .image_encoder import ClipImageEncoder, ImageLike, clip_preprocess, mask_logit_bias, to_pil_rgb, unconditional_pixels
 from .subject_encoder import attention_heatmap
 from .weights import SSRWeights
@@ -80,22 +80,11 @@ class SubjectEmbedder:
         self.ssr = ssr
         self.encode_text = encode_text
         self.model_key = model_key
-        self.cache_size = cache_size
-        self._cache: "OrderedDict[str, Tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
-        self.cache_hits = 0
+        self._cache = LRU(cache_size)  # key -> (c_s [462, D], A [heads, 77, T]) on CPU
 
-    def _remember(self, key: str, value):
-        self._cache[key] = value
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-
-    def _recall(self, key: str):
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            self.cache_hits += 1
-            return self._cache[key]
-        return None
+    @property
+    def cache_hits(self) -> int:
+        return self._cache.hits
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor, queries: List[str], bias: Optional[torch.Tensor]):
@@ -119,7 +108,8 @@ class SubjectEmbedder:
                   for i, s in enumerate(subjects)]
         keys = [_digest(self.model_key, np.asarray(im), s.query, None if b is None else b.numpy())
                 for im, s, b in zip(rgb, subjects, biases)]
-        todo = [i for i, k in enumerate(keys) if self._recall(k) is None]
+        found = [self._cache.get(k) for k in keys]
+        todo = [i for i, hit in enumerate(found) if hit is None]
         if todo:
             pixels = clip_preprocess([rgb[i] for i in todo], size)
             bias = None
@@ -127,8 +117,9 @@ class SubjectEmbedder:
                 bias = torch.stack([biases[i] if biases[i] is not None else torch.zeros(grid * grid + 1) for i in todo])
             tokens, attn = self._encode(pixels, [subjects[i].query for i in todo], bias)
             for j, i in enumerate(todo):
-                self._remember(keys[i], (tokens[j], attn[j]))
-        cond = [self._cache[k] for k in keys]
+                found[i] = (tokens[j], attn[j])
+                self._cache.put(keys[i], found[i])
+        cond = found  # read from here, not the cache: a small cache may already have evicted some
         uncond = [self.unconditional(b) for b in biases]
         per_subject = cond[0][0].shape[0]
         weights = torch.cat([torch.full((per_subject,), float(s.weight)) for s in subjects])
@@ -140,12 +131,12 @@ class SubjectEmbedder:
         """aligner(text_encoder(""), clip(zero input)) -> [462, D], with the subject's mask bias
         if it has one (the reference applies the same bias to both branches). Cached."""
         key = _digest(self.model_key, "uncond", None if bias is None else bias.numpy())
-        hit = self._recall(key)
+        hit = self._cache.get(key)
         if hit is None:
             size = self.image_encoder.config.image_size
             tokens, attn = self._encode(unconditional_pixels(1, size), [""], None if bias is None else bias[None])
             hit = (tokens[0], attn[0])
-            self._remember(key, hit)
+            self._cache.put(key, hit)
         return hit[0]
 
     def preview(self, subject: Subject) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -18,12 +18,12 @@ import os
 import sys
 import threading
 import traceback
-from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 import ssr
+from ssr.cache import LRU
 from ssr.attention import check_compatible
 from ssr.layers import find_cross_attention_layers
 from ssr.query_encoder import hf_query_tokens
@@ -40,42 +40,6 @@ LOG_PREFIX = "[SSR-Encoder]"
 
 class ModelMismatch(ValueError):
     """The loaded Stable Diffusion model cannot take these SSR weights."""
-
-
-class LRU:
-    """A small least-recently-used map; ``on_evict(value)`` runs for dropped values."""
-
-    def __init__(self, capacity: int, on_evict: Optional[Callable] = None):
-        self.capacity = capacity
-        self.on_evict = on_evict
-        self._items: "OrderedDict" = OrderedDict()
-
-    def get(self, key):
-        if key not in self._items:
-            return None
-        self._items.move_to_end(key)
-        return self._items[key]
-
-    def put(self, key, value) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            _, old = self._items.popitem(last=False)
-            if self.on_evict:
-                self.on_evict(old)
-
-    def values(self) -> list:
-        return list(self._items.values())
-
-    def remove_if(self, predicate) -> None:
-        for key in [k for k, v in self._items.items() if predicate(v)]:
-            del self._items[key]
-
-    def clear(self) -> None:
-        self._items.clear()
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 # ----------------------------------------------------------------------------- the SD model

@@ -151,3 +151,14 @@ def test_errors_name_the_subject(embedder):
         embedder.encode([Subject(image(9), "a"), Subject(image(9), "", mask=np.zeros((64, 96), np.float32))])
     with pytest.raises(TypeError, match="subject 1 image"):
         embedder.encode([Subject("not an image", "a")])
+
+
+def test_more_subjects_than_cache_slots(clip_encoder_tiny, ssr_weights_tiny, text_encoder_tiny):
+    """A cache smaller than one generation's subjects still returns every subject's tokens."""
+    emb = SubjectEmbedder(clip_encoder_tiny, ssr_weights_tiny, text_encoder_tiny, cache_size=1)
+    subjects = [Subject(image(seed, (32, 32)), "x") for seed in range(3)]
+    enc = emb.encode(subjects)
+    assert enc.tokens.shape == (2, 3 * SUBJECT_TOKENS, 32)
+    for k, subject in enumerate(subjects):
+        expected = direct(clip_encoder_tiny, ssr_weights_tiny, text_encoder_tiny, clip_preprocess(subject.image), "x")
+        assert (enc.tokens[0, k * SUBJECT_TOKENS:(k + 1) * SUBJECT_TOKENS] - expected).abs().max() < TOL

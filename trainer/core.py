@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssr import ClipImageEncoder, SSRWeights, SubjectEncoderConfig, find_cross_attention_layers, install_subject_attention
+from ssr.cache import LRU
 from ssr.image_encoder import unconditional_pixels
 
 from .losses import REGULARIZERS, regularizer_paper, regularizer_reference
@@ -66,9 +66,8 @@ class LatentCache:
 
     def __init__(self, vae_id: str, memory_items: int = 50_000, directory: Optional[str] = None):
         self.vae_id = vae_id
-        self.memory_items = memory_items
         self.directory = os.path.join(directory, vae_id) if directory else None
-        self._memory: "OrderedDict[str, Tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+        self._memory = LRU(memory_items)  # key -> (mean, std) fp16 on CPU
         self._projections: Dict[Tuple, torch.Tensor] = {}
         self.hits = self.misses = 0
 
@@ -99,18 +98,17 @@ class LatentCache:
             except Exception:  # noqa: BLE001 - a damaged cache file is only a miss
                 entry = None
             if entry is not None:
-                self._remember(key, entry)
+                self._memory.put(key, entry)
         if entry is None:
             self.misses += 1
             return None
-        self._memory.move_to_end(key)
         self.hits += 1
         return entry
 
     def put(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Store one view's (mean, std) [4, h, w]; -> the stored (fp16, CPU) pair."""
         entry = (mean.detach().to("cpu", torch.float16), std.detach().to("cpu", torch.float16))
-        self._remember(key, entry)
+        self._memory.put(key, entry)
         if self.directory:
             from safetensors.torch import save_file
 
@@ -120,12 +118,6 @@ class LatentCache:
             save_file({"mean": entry[0].contiguous(), "std": entry[1].contiguous()}, tmp)
             os.replace(tmp, path)
         return entry
-
-    def _remember(self, key, entry) -> None:
-        self._memory[key] = entry
-        self._memory.move_to_end(key)
-        while len(self._memory) > self.memory_items:
-            self._memory.popitem(last=False)
 
 
 def vae_identity(vae: nn.Module) -> str:

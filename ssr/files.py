@@ -5,6 +5,7 @@ a dropdown and need to know which one is wrong.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zipfile
@@ -98,3 +99,12 @@ def read_state_dict(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]
     if len(head) == 9 and head[8:9] == b"{":
         return read_safetensors(path)
     return read_torch_checkpoint(path), {}
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks (model hashes, cache keys)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

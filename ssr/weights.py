@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .attention import SubjectAttentionWeights
-from .files import WeightFileError, read_state_dict
+from .files import WeightFileError, file_sha256, read_state_dict
 from .layers import canonical_position, official_index
 from .subject_encoder import SubjectEncoder, SubjectEncoderConfig
 
@@ -250,13 +250,7 @@ def reexport_state_dicts(model: SSRWeights) -> Tuple[Dict[str, torch.Tensor], Di
 
 def short_hash(path: str, length: int = 8) -> str:
     """First hex digits of the file's sha256 (the WebUI's convention for model hashes)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:length]
+    return file_sha256(path)[:length]
 
 
 def parameter_count(modules: Iterable[nn.Module]) -> int:

@@ -22,6 +22,8 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
+from ssr.files import file_sha256
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 SSR_PAIRS = (("pytorch_model.bin", "pytorch_model_1.bin"), ("ssr_aligner.safetensors", "ssr_attentions.safetensors"))
 HF_CLIP_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -249,13 +251,7 @@ class ModelFinder:
 def content_hash(files: Sequence[str], length: int = 8) -> str:
     """sha256 of one file (the WebUI's short-hash convention), or of the files' sha256 digests
     in order for a pair; first ``length`` hex digits."""
-    digests = []
-    for path in files:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        digests.append(h.hexdigest())
+    digests = [file_sha256(path) for path in files]
     if len(digests) == 1:
         return digests[0][:length]
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:length]

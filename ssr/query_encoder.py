@@ -6,7 +6,7 @@ the query is plain text.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -47,13 +47,16 @@ class BpeQueryTokenizer:
         return pad_with_eos([self._bpe.encode(t) for t in texts], self.bos, self.eos)
 
 
-def encode_query_tokens(text_model: Callable, token_ids: torch.Tensor) -> torch.Tensor:
+def encode_query_tokens(text_model: Callable, token_ids: torch.Tensor,
+                        device: Optional[torch.device] = None) -> torch.Tensor:
     """token_ids [B, 77] -> z_q [B, 77, width], using a Hugging Face ``CLIPTextModel``
-    (its ``last_hidden_state`` is taken after ``final_layer_norm``)."""
-    param = next(text_model.parameters())
-    out = text_model(input_ids=token_ids.to(param.device))
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden
+    (its ``last_hidden_state`` is taken after ``final_layer_norm``). ``device``: where to
+    put the ids; default the model's first parameter's device (pass it when hooks move the
+    model at call time, as the WebUI's low-VRAM mode does)."""
+    if device is None:
+        device = next(text_model.parameters()).device
+    out = text_model(input_ids=token_ids.to(device))
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 def encode_queries(text_model, tokenizer, texts: List[str]) -> torch.Tensor:

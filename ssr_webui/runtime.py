@@ -26,7 +26,7 @@ import ssr
 from ssr.cache import LRU
 from ssr.attention import check_compatible
 from ssr.layers import find_cross_attention_layers
-from ssr.query_encoder import hf_query_tokens
+from ssr.query_encoder import encode_query_tokens, hf_query_tokens
 
 from . import infotext, settings
 from .model_files import ModelFile, ModelFinder, ModelListing, content_hash
@@ -75,16 +75,13 @@ def sd_query_encoder(sd_model, text_dim: int) -> Callable[[List[str]], torch.Ten
         raise ModelMismatch(f"the loaded model's text encoder is {width} wide, the SSR weights expect {text_dim} (SD1.x)")
 
     def encode(texts: List[str]) -> torch.Tensor:
-        ids = hf_query_tokens(tokenizer, list(texts))
+        device = None
         if getattr(sd_model, "lowvram", False):  # --lowvram/--medvram: hooks move it to the GPU when called
             from modules import devices
 
             device = devices.device
-        else:
-            device = next(transformer.parameters()).device
         with torch.no_grad():
-            out = transformer(input_ids=ids.to(device))
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            return encode_query_tokens(transformer, hf_query_tokens(tokenizer, list(texts)), device)
 
     return encode
 

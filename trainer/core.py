@@ -30,6 +30,7 @@ from torch import nn
 from ssr import ClipImageEncoder, SSRWeights, SubjectEncoderConfig, find_cross_attention_layers, install_subject_attention
 from ssr.cache import LRU
 from ssr.image_encoder import unconditional_pixels
+from ssr.query_encoder import encode_query_tokens
 
 from .losses import REGULARIZERS, regularizer_paper, regularizer_reference
 from .sd_loading import StableDiffusionParts
@@ -191,8 +192,7 @@ class SSRTrainingCore(nn.Module):
         """texts (B strings) -> last hidden states [B, 77, D]; each distinct text encoded once."""
         unique = list(dict.fromkeys(texts))
         device = next(self.text_encoder.parameters()).device
-        ids = self.tokenize(unique).to(device)
-        states = self.text_encoder(input_ids=ids).last_hidden_state
+        states = encode_query_tokens(self.text_encoder, self.tokenize(unique), device)
         index = torch.tensor([unique.index(t) for t in texts], device=device)
         return states.index_select(0, index)
 

@@ -5,14 +5,14 @@ build on this package, so what is trained is exactly what runs.
 
 Modules, one concern each:
 - ``image_encoder``: CLIP ViT-L/14 multi-scale features, image and mask preprocessing
-- ``clip_checkpoints``: CLIP vision weights from HF / open_clip / OpenAI TorchScript files
+- ``clip_checkpoints``: CLIP vision weights from HF / open_clip files (OpenAI's TorchScript after conversion)
 - ``query_encoder``: query text -> 77 tokens -> SD text encoder hidden states
 - ``subject_encoder``: token-to-patch aligner + subject encoder (462 tokens per subject)
 - ``layers``: the canonical attn2 order of the released weights
 - ``attention``: the subject cross-attention branch, installed with hooks
 - ``weights``: SSR weight files (official pair, safetensors pair, our single file)
 - ``subjects``: user subjects -> cached subject/unconditional contexts
-- ``convert``: ``python -m ssr.convert`` writes our single file
+- ``convert``: ``python -m ssr.convert`` writes our single file (and converts trusted TorchScript CLIP)
 """
 from .attention import (IncompatibleUNetError, SubjectAttention, SubjectAttentionWeights,
                         install_subject_attention, installed_subject_attention)

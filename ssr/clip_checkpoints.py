@@ -4,7 +4,10 @@ Recognised from the keys (never the file name):
 - Hugging Face ``CLIPVisionModel`` / ``CLIPModel`` (folder with config.json, or single file;
   keys ``vision_model.*`` or without that prefix; q/k/v split),
 - open_clip state dicts (``visual.*`` or bare ``conv1.weight``...; fused ``in_proj``),
-- OpenAI's TorchScript ``ViT-L-14.pt`` (its state dict has the open_clip layout).
+- OpenAI's ``ViT-L-14.pt`` after conversion: it is a TorchScript archive, which every loader
+  here refuses (loading one runs code from the file); ``python -m ssr.convert
+  --trust-torchscript`` turns it, once and on purpose, into a safetensors file with its
+  open_clip-layout ``visual.*`` tensors.
 Text-tower and projection keys are ignored.
 """
 from __future__ import annotations

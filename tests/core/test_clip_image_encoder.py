@@ -14,11 +14,12 @@ import pytest
 import torch
 from torch import nn
 
+from ssr import convert
 from ssr.clip_checkpoints import load_clip_image_encoder
 from ssr.files import WeightFileError
 from tests.tiny_models import TINY_CLIP_LAYERS, tiny_hf_clip_vision
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # OpenAI's .pt files are TorchScript
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # building OpenAI's TorchScript layout
 
 REL_TOL = 1e-5
 SCALES = [4, 8, 12, 16, 20, 24]
@@ -122,6 +123,9 @@ def formats(tmp_path_factory, hf_model):
     traced = torch.jit.trace(OpenAIClip().eval(), torch.zeros(1, 3, 224, 224), check_trace=False)
     paths["openai_torchscript"] = str(root / "ViT-tiny.pt")
     torch.jit.save(traced, paths["openai_torchscript"])
+    # loaders refuse TorchScript (it runs code); the converter turns it into safetensors on request
+    paths["openai_torchscript_converted"] = str(root / "ViT-tiny.safetensors")
+    assert convert.main(["--trust-torchscript", paths["openai_torchscript"], "-o", paths["openai_torchscript_converted"]]) == 0
     return paths
 
 
@@ -130,7 +134,7 @@ def test_hf_folder_equals_transformers(formats, pixels, hf_states):
     assert_matches_hf(load_clip_image_encoder(formats["hf_folder_safetensors"], expect_width=None), pixels, hf_states)
 
 
-@pytest.mark.parametrize("fmt", ["hf_folder_bin", "hf_folder_both", "hf_single_prefixed", "hf_single_bare", "open_clip", "openai_torchscript"])
+@pytest.mark.parametrize("fmt", ["hf_folder_bin", "hf_folder_both", "hf_single_prefixed", "hf_single_bare", "open_clip", "openai_torchscript_converted"])
 def test_every_format_round_trips(formats, fmt, pixels, hf_states):
     encoder = load_clip_image_encoder(formats[fmt], expect_width=None)
     assert encoder.config.width == 128 and encoder.config.heads == 2 and encoder.config.layers == 24

@@ -8,11 +8,10 @@ APIs do not exist in open_clip 2.20.0, which the WebUI pins.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -113,10 +112,29 @@ class ClipImageEncoder(torch.nn.Module):
 # ----------------------------------------------------------------------------- preprocessing
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grey PIL image (modes "I;16*", or "I" as Pillow reads 16-bit PNGs) -> "L",
+    scaled by 1/257 (65535 -> 255), where ``convert`` would clip everything above 255 to white.
+    Other modes are returned unchanged."""
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), "L")
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """An alpha band, or a transparent colour/palette index (``info["transparency"]``)."""
+    return "A" in image.getbands() or image.info.get("transparency") is not None
+
+
 def to_pil_rgb(image: ImageLike, what: str = "image") -> Image.Image:
     """Any PIL image, HxW / HxWxC numpy array (uint8 or float in [0,1]) or [C,H,W] tensor
-    in [0,1] -> RGB PIL image. Transparent pixels are composited over white, so a cut-out
-    subject on a transparent background is seen on white rather than on black."""
+    in [0,1] -> RGB PIL image. Transparent pixels are composited over white (as
+    CLIPImageProcessor's RGB conversion does), so a cut-out subject on a transparent
+    background is seen on white rather than on black. 16-bit grey is scaled to 8 bits."""
     if isinstance(image, torch.Tensor):
         t = image.detach().cpu().float()
         if t.ndim == 3 and t.shape[0] in (1, 3, 4):
@@ -135,39 +153,61 @@ def to_pil_rgb(image: ImageLike, what: str = "image") -> Image.Image:
         raise TypeError(f"{what}: expected a PIL image, numpy array or tensor, got {type(image).__name__}")
     if image.width < 1 or image.height < 1:
         raise ValueError(f"{what}: image is empty ({image.width}x{image.height})")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    image = to_eight_bit(image)
+    if has_alpha(image):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
 
 
+def clip_resize_size(width: int, height: int, size: int) -> Tuple[int, int]:
+    """CLIPImageProcessor's resize target (width, height): the shortest side becomes ``size``,
+    the long side ``int(size * long / short)`` (truncated)."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def clip_crop_offsets(resized_width: int, resized_height: int, size: int) -> Tuple[int, int]:
+    """(left, top) of CLIPImageProcessor's centre crop in the resized image: half the excess,
+    rounded down (``(length - size) // 2``)."""
+    return (resized_width - size) // 2, (resized_height - size) // 2
+
+
+def clip_crop_box(width: int, height: int, size: int) -> Tuple[float, float, float, float]:
+    """The square CLIP sees, in the original image's pixel coordinates (left, top, right,
+    bottom; continuous, so fractional where the resize is not an integer scale)."""
+    new_w, new_h = clip_resize_size(width, height, size)
+    left, top = clip_crop_offsets(new_w, new_h, size)
+    sx, sy = width / new_w, height / new_h
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+
+
 def resize_shortest_and_crop(image: Image.Image, size: int, resample=Image.BICUBIC) -> Image.Image:
-    """CLIP geometry: shortest side -> size (long side truncated as torchvision does), then
-    the centred size x size crop."""
-    w, h = image.size
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
-    else:
-        new_w, new_h = int(size * w / h), size
+    """CLIPImageProcessor's geometry: Pillow resize of the shortest side to ``size`` (long side
+    truncated; ``reducing_gap`` off), then the size x size crop at ``clip_crop_offsets``."""
+    new_w, new_h = clip_resize_size(image.width, image.height, size)
     image = image.resize((new_w, new_h), resample=resample)
-    left = int(round((new_w - size) / 2.0))
-    top = int(round((new_h - size) / 2.0))
+    left, top = clip_crop_offsets(new_w, new_h, size)
     return image.crop((left, top, left + size, top + size))
 
 
 def clip_preprocess(images: Union[ImageLike, Sequence[ImageLike]], size: int = 224) -> torch.Tensor:
     """Images of any size and mode -> [B, 3, size, size] float32, CLIP-normalised.
 
-    Bicubic resize of the shortest side, centre crop, scale to [0,1], normalise with CLIP's
-    mean/std: the preprocessing the released weights were trained with.
+    The preprocessing the released weights were trained with, transformers'
+    CLIPImageProcessor (openai/clip-vit-large-patch14): RGB (transparency over white), bicubic
+    resize of the shortest side, centre crop, rescale by 1/255, normalise with CLIP's mean/std.
     """
     if isinstance(images, (Image.Image, np.ndarray)) or (isinstance(images, torch.Tensor) and images.ndim == 3):
         images = [images]
     out = []
     for i, image in enumerate(images):
         rgb = resize_shortest_and_crop(to_pil_rgb(image, what=f"image {i}"), size)
-        out.append(torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1))
+        # uint8 * (1/255) in float64, then float32: the processor's rescale, bit for bit
+        pixels = (np.asarray(rgb, dtype=np.float64) * (1.0 / 255.0)).astype(np.float32)
+        out.append(torch.from_numpy(pixels).permute(2, 0, 1))
     if not out:
         raise ValueError("clip_preprocess: no images given")
     batch = torch.stack(out)
@@ -182,10 +222,11 @@ def unconditional_pixels(batch: int = 1, size: int = 224) -> torch.Tensor:
 
 
 def mask_to_array(mask: ImageLike, what: str = "mask") -> np.ndarray:
-    """A mask as PIL (any mode; RGB sketch masks are white where painted), numpy or tensor
-    -> float32 HxW array in [0,1]. uint8 inputs are scaled by 1/255."""
+    """A mask as PIL (any mode; RGB sketch masks are white where painted; 16-bit grey is
+    scaled), numpy or tensor -> float32 HxW array in [0,1]. uint8 inputs are scaled by 1/255."""
     if isinstance(mask, Image.Image):
-        if mask.mode in ("RGBA", "LA"):
+        mask = to_eight_bit(mask)
+        if has_alpha(mask):
             # A sketch layer: painted where opaque or bright.
             rgba = np.asarray(mask.convert("RGBA"), dtype=np.float32) / 255.0
             return np.maximum(rgba[..., :3].max(axis=2) * rgba[..., 3], 0.0)
@@ -204,27 +245,47 @@ def mask_to_array(mask: ImageLike, what: str = "mask") -> np.ndarray:
     return a.astype(np.float32)
 
 
-def mask_logit_bias(mask: ImageLike, weight: float = 5.0, grid: int = 16, what: str = "mask") -> torch.Tensor:
+def _bilinear_rows(length: int, start: float, end: float, out: int) -> np.ndarray:
+    """[out, length] weights sampling ``[start, end)`` (continuous pixel coordinates) at ``out``
+    evenly spaced cell centres with linear interpolation: for a whole axis (start 0, end
+    length) exactly ``F.interpolate(mode="bilinear", align_corners=False)`` without antialias."""
+    positions = start + (np.arange(out) + 0.5) * (end - start) / out - 0.5
+    positions = np.clip(positions, 0.0, length - 1)
+    lo = np.floor(positions).astype(np.int64)
+    hi = np.minimum(lo + 1, length - 1)
+    frac = positions - lo
+    weights = np.zeros((out, length), np.float64)
+    np.add.at(weights, (np.arange(out), lo), 1.0 - frac)
+    np.add.at(weights, (np.arange(out), hi), frac)
+    return weights
+
+
+def mask_logit_bias(mask: ImageLike, weight: float = 5.0, grid: int = 16, what: str = "mask",
+                    image_size: Optional[Tuple[int, int]] = None, size: int = 224) -> torch.Tensor:
     """The aligner's logit bias for a mask query -> [grid*grid + 1] float32 (CLS first).
 
-    The mask is binarised (> 0.5), given the same centre crop as the image (the centred
-    square of its shortest side) so it selects what the user drew, resized bilinearly to
-    grid x grid (no antialiasing, align_corners=False, as the released weights saw), and
-    mapped patch-wise to ``weight * (m * (1 + weight) - 1)``; the CLS token gets +1.
+    The mask is binarised (> 0.5) and sampled bilinearly (no antialiasing, as
+    ``F.interpolate(align_corners=False)``) at the centres of the grid x grid patches of the
+    square CLIP sees: the same crop as the image (``clip_crop_box``), so grid cell (i, j) lies
+    under CLIP patch (i, j). ``image_size`` (width, height) is the reference image's size when
+    the mask has another resolution; by default the mask's own. Patch-wise the value m maps to
+    ``weight * (m * (1 + weight) - 1)``; the CLS token gets +1.
     """
-    m = (mask_to_array(mask, what) > 0.5).astype(np.float32)
+    m = (mask_to_array(mask, what) > 0.5).astype(np.float64)
     if m.sum() == 0:
         raise ValueError(f"{what} is empty: paint over the subject (white = selected) or clear the mask to use the text query")
     h, w = m.shape
-    side = min(h, w)
-    top, left = int(round((h - side) / 2.0)), int(round((w - side) / 2.0))
-    m = m[top:top + side, left:left + side]
-    if m.sum() == 0:
+    image_w, image_h = image_size if image_size is not None else (w, h)
+    left, top, right, bottom = clip_crop_box(image_w, image_h, size)
+    sx, sy = w / image_w, h / image_h
+    left, right, top, bottom = left * sx, right * sx, top * sy, bottom * sy
+    inside = m[int(np.floor(top)):int(np.ceil(bottom)), int(np.floor(left)):int(np.ceil(right))]
+    if inside.sum() == 0:
         raise ValueError(
             f"{what} lies entirely outside the centred square of the image that CLIP sees; "
             "crop the reference image so the subject is in its centre")
-    t = torch.from_numpy(np.ascontiguousarray(m))[None, None]
-    small = F.interpolate(t, size=(grid, grid), mode="bilinear", align_corners=False).flatten()
+    small = _bilinear_rows(h, top, bottom, grid) @ m @ _bilinear_rows(w, left, right, grid).T
+    small = torch.from_numpy(small.astype(np.float32)).flatten()
     bias = weight * (small * (1.0 + weight) - 1.0)
     return torch.cat([torch.ones(1), bias])
 

@@ -104,8 +104,9 @@ class SubjectEmbedder:
         size = self.image_encoder.config.image_size
         grid = self.image_encoder.config.grid
         rgb = [to_pil_rgb(s.image, what=f"subject {i + 1} image") for i, s in enumerate(subjects)]
-        biases = [None if s.mask is None else mask_logit_bias(s.mask, s.mask_weight, grid, what=f"subject {i + 1} mask")
-                  for i, s in enumerate(subjects)]
+        biases = [None if s.mask is None else mask_logit_bias(s.mask, s.mask_weight, grid, what=f"subject {i + 1} mask",
+                                                              image_size=im.size, size=size)
+                  for i, (s, im) in enumerate(zip(subjects, rgb))]
         keys = [_digest(self.model_key, np.asarray(im), s.query, None if b is None else b.numpy())
                 for im, s, b in zip(rgb, subjects, biases)]
         found = [self._cache.get(k) for k in keys]

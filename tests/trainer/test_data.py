@@ -19,18 +19,19 @@ CLIP_TOL = 1.0 / 255 / CLIP_STD.min() + 1e-5
 
 def direct_views(image: Image.Image, resolution: int, clip_resolution: int, flip: bool):
     """Method doc section 8, written out: shortest side resized (bilinear for SD, bicubic
-    for CLIP, long side truncated), centred crop, SD -> [-1, 1], CLIP -> (x - mean) / std."""
+    for CLIP, long side truncated), centred crop (SD: offset rounded as torchvision's
+    CenterCrop; CLIP: rounded down as CLIPImageProcessor), SD -> [-1, 1], CLIP -> (x - mean) / std."""
     image = image.convert("RGB")
 
-    def resize_crop(size, resample):
+    def resize_crop(size, resample, offset):
         w, h = image.size
         nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-        left, top = int(round((nw - size) / 2)), int(round((nh - size) / 2))
+        left, top = offset(nw - size), offset(nh - size)
         return np.asarray(image.resize((nw, nh), resample).crop((left, top, left + size, top + size)),
                           dtype=np.float32) / 255.0
 
-    sd = resize_crop(resolution, Image.BILINEAR) * 2 - 1
-    clip = (resize_crop(clip_resolution, Image.BICUBIC) - CLIP_MEAN) / CLIP_STD
+    sd = resize_crop(resolution, Image.BILINEAR, lambda excess: int(round(excess / 2))) * 2 - 1
+    clip = (resize_crop(clip_resolution, Image.BICUBIC, lambda excess: excess // 2) - CLIP_MEAN) / CLIP_STD
     if flip:
         sd, clip = sd[:, ::-1], clip[:, ::-1]
     return (torch.from_numpy(np.ascontiguousarray(sd)).permute(2, 0, 1),

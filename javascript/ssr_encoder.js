@@ -8,7 +8,7 @@
         start: "Fraction of the sampling steps at which the subject starts to act.",
         end: "Fraction of the sampling steps at which the subject stops acting.",
         query: "Which part of the image to take, as text (e.g. 'the dog'). With a mask drawn it may stay empty.",
-        weight: "How strongly this subject contributes relative to the others (1 = as trained, 0 = off).",
+        weight: "How strongly this subject contributes relative to the others (1 = as trained; 0 = removed, as if the slot were empty).",
         mask_weight: "How strictly a drawn mask restricts the selection (5 = default; 1 = soft, with a text query).",
         image: "Reference image. Draw over the subject with the brush to select it by mask; leave it undrawn to select by the query text.",
         preview_button: "Show, for each slot, which image patches the query selects, before generating.",

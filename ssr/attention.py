@@ -113,7 +113,8 @@ class SubjectAttention:
     def set_context(self, tokens: Optional[torch.Tensor], value_weights: Optional[torch.Tensor] = None) -> None:
         """tokens [S, M, D] (S contexts of M tokens, e.g. S=2: subject, unconditional);
         value_weights [M] or [S, M] multiply each token's value (per-subject weights), or None.
-        Clears the projected K/V cache."""
+        No tokens (M = 0, e.g. every subject has weight 0) is no context: the branch is not
+        applied. Clears the projected K/V cache."""
         if tokens is not None:
             if tokens.ndim == 2:
                 tokens = tokens[None]
@@ -121,6 +122,8 @@ class SubjectAttention:
                 raise ValueError(f"subject tokens must be [S, M, {self.weights.context_dim}], got {tuple(tokens.shape)}")
             if value_weights is not None and value_weights.shape[-1] != tokens.shape[1]:
                 raise ValueError(f"value_weights must have {tokens.shape[1]} entries per context, got {tuple(value_weights.shape)}")
+            if tokens.shape[1] == 0:
+                tokens, value_weights = None, None
         self._tokens, self._value_weights = tokens, value_weights
         self._kv.clear()
 

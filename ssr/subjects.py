@@ -7,8 +7,10 @@ contexts the attention handle needs: the subjects' tokens and the unconditional 
 Several subjects (method doc, section 7): each is encoded separately (462 tokens) and the
 contexts are concatenated, so one softmax runs over all subjects' tokens. A subject's
 ``weight`` multiplies its tokens' *values*: its share of the branch output is scaled by the
-weight while the attention distribution stays as trained (weight 0 removes its content but
-keeps its softmax mass; 1 is the reference behaviour).
+weight while the attention distribution stays as trained (1 is the reference behaviour).
+Weight 0 removes the subject: its tokens are left out of the context altogether (it is not
+even encoded), so the result is bit-identical to not giving that subject; when every
+subject has weight 0 the context is empty and the branch is not applied.
 """
 from __future__ import annotations
 
@@ -44,13 +46,20 @@ class Subject:
 
 @dataclass
 class EncodedSubjects:
-    """tokens: [2, S*462, D] (row 0 subjects, row 1 unconditional); value_weights [S*462];
-    attention: per subject A [heads, 77, 257]; heatmaps: per subject [16, 16] in [0,1]."""
+    """tokens: [2, S*462, D] (row 0 subjects, row 1 unconditional) over the S subjects that
+    are used (weight != 0; ``used`` holds their indices in the list given to ``encode``);
+    value_weights [S*462]; attention: per used subject A [heads, 77, 257]; heatmaps: per used
+    subject [16, 16] in [0,1]. With no subject used, tokens is [2, 0, D] (``empty``)."""
 
     tokens: torch.Tensor
     value_weights: torch.Tensor
     attention: List[torch.Tensor] = field(default_factory=list)
     heatmaps: List[torch.Tensor] = field(default_factory=list)
+    used: List[int] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return self.tokens.shape[1] == 0
 
     SUBJECT, UNCONDITIONAL = 0, 1
 
@@ -98,9 +107,21 @@ class SubjectEmbedder:
         return tokens.float().cpu(), attn.float().cpu()
 
     def encode(self, subjects: Sequence[Subject]) -> EncodedSubjects:
-        """Subjects -> contexts for ``SubjectAttention.set_context(result.tokens, result.value_weights)``."""
+        """Subjects -> contexts for ``SubjectAttention.set_context(result.tokens, result.value_weights)``.
+
+        Subjects with weight 0 are left out (see the module docstring); if that is all of them,
+        the result is ``empty`` and ``set_context`` switches the branch off."""
         if not subjects:
             raise ValueError("no subjects to encode")
+        used = [i for i, s in enumerate(subjects) if float(s.weight) != 0.0]
+        if not used:
+            width = self.ssr.attention.context_dim
+            return EncodedSubjects(torch.zeros(2, 0, width), torch.zeros(0))
+        encoded = self._encode_subjects([subjects[i] for i in used])
+        encoded.used = used
+        return encoded
+
+    def _encode_subjects(self, subjects: Sequence[Subject]) -> EncodedSubjects:
         size = self.image_encoder.config.image_size
         grid = self.image_encoder.config.grid
         rgb = [to_pil_rgb(s.image, what=f"subject {i + 1} image") for i, s in enumerate(subjects)]
@@ -126,7 +147,7 @@ class SubjectEmbedder:
         weights = torch.cat([torch.full((per_subject,), float(s.weight)) for s in subjects])
         tokens = torch.stack([torch.cat([c[0] for c in cond]), torch.cat(uncond)])
         return EncodedSubjects(tokens, weights, [c[1] for c in cond],
-                               [attention_heatmap(c[1][None], grid)[0] for c in cond])
+                               [attention_heatmap(c[1][None], grid)[0] for c in cond], list(range(len(subjects))))
 
     def unconditional(self, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """aligner(text_encoder(""), clip(zero input)) -> [462, D], with the subject's mask bias
@@ -141,6 +162,7 @@ class SubjectEmbedder:
         return hit[0]
 
     def preview(self, subject: Subject) -> Tuple[torch.Tensor, torch.Tensor]:
-        """-> (heatmap [grid, grid] in [0,1], A [heads, 77, T]) of one subject's query."""
-        encoded = self.encode([subject])
+        """-> (heatmap [grid, grid] in [0,1], A [heads, 77, T]) of one subject's query (its
+        weight plays no part in what it selects, so weight 0 is previewed too)."""
+        encoded = self._encode_subjects([subject])
         return encoded.heatmaps[0], encoded.attention[0]

@@ -369,7 +369,9 @@ def test_projected_kv_cached_per_context(unet, weights):
 
 def test_value_weight_semantics(ldm_unet, weights):
     """Branch = sum over subjects of (their attention share) x weight x values: linear in the
-    weights, so weight 2 doubles that subject's contribution and weight 0 removes it."""
+    value weights, so value weight 2 doubles that subject's contribution and 0 zeroes it (its
+    tokens keep their softmax share here; the embedder leaves a weight-0 subject's tokens out
+    altogether, see test_subject_embedder.py::test_weight_zero_removes_the_subject)."""
     two = torch.cat([subject_tokens(1, seed=1), subject_tokens(1, seed=2)], dim=1)  # [1, 924, 32]
     handle = install_subject_attention(ldm_unet, weights)
     index, (_, layer) = 3, handle.layers[3]

@@ -162,3 +162,44 @@ def test_more_subjects_than_cache_slots(clip_encoder_tiny, ssr_weights_tiny, tex
     for k, subject in enumerate(subjects):
         expected = direct(clip_encoder_tiny, ssr_weights_tiny, text_encoder_tiny, clip_preprocess(subject.image), "x")
         assert (enc.tokens[0, k * SUBJECT_TOKENS:(k + 1) * SUBJECT_TOKENS] - expected).abs().max() < TOL
+
+
+def test_weight_zero_removes_the_subject(embedder, unet, ssr_weights_tiny):
+    """Weight 0 = the subject is not there: bit-identical tokens, weights and UNet output to
+    leaving it out (its tokens would otherwise stay in the shared softmax). Other weights keep
+    scaling values. All weights 0: no context, the UNet is untouched."""
+    from ssr.attention import install_subject_attention
+    from tests.tiny_models import unet_call, unet_inputs
+
+    a = Subject(image(3), "a dog", weight=1.0)
+    b = Subject(image(4, (64, 96)), "a hat", weight=0.0)
+    c = Subject(image(5), "a vase", weight=0.5)
+    x, t, ctx = unet_inputs(2, seed=4)
+
+    def unet_output(encoded):
+        handle = install_subject_attention(unet, ssr_weights_tiny.attention, scale=1.0)
+        try:
+            handle.set_context(encoded.tokens, encoded.value_weights)
+            handle.set_rows([0, 1])
+            with torch.no_grad():
+                return unet_call(unet, x, t, ctx)
+        finally:
+            handle.remove()
+
+    with torch.no_grad():
+        plain = unet_call(unet, x, t, ctx)
+    for with_zero, without in (([a, b], [a]), ([b, a], [a]), ([a, b, c], [a, c]), ([b, c], [c])):
+        got, expected = embedder.encode(with_zero), embedder.encode(without)
+        assert torch.equal(got.tokens, expected.tokens) and torch.equal(got.value_weights, expected.value_weights)
+        assert got.used == [i for i, s in enumerate(with_zero) if s.weight != 0]
+        assert len(got.attention) == len(got.heatmaps) == len(without)
+        out = unet_output(got)
+        assert torch.equal(out, unet_output(expected))
+        assert (out - plain).abs().max() > 1e-3  # the remaining subjects do act
+    assert torch.equal(embedder.encode([a, c]).value_weights[SUBJECT_TOKENS:], torch.full((SUBJECT_TOKENS,), 0.5))
+
+    nothing = embedder.encode([Subject(image(3), "a dog", weight=0.0), b])
+    assert nothing.empty and nothing.used == [] and nothing.tokens.shape == (2, 0, 32)
+    assert torch.equal(unet_output(nothing), plain)
+    heatmap, _ = embedder.preview(b)  # the preview shows what a weight-0 subject would select
+    assert heatmap.shape == (16, 16)

@@ -1,0 +1,147 @@
+"""The real WebUI v1.10.1 (with sd-webui-controlnet v1.1.455) started in this process.
+
+Run in the WebUI's own venv, after ``python3 tests/realhost/build_host.py``:
+
+    SSR_REALHOST=1 .realhost/venv/bin/python -m pytest tests/realhost
+
+Each session gets a fresh ``--data-dir`` (this extension ``git clone``d into its
+``extensions/``, ControlNet beside it, the cached tiny models linked into ``models/``), then
+the WebUI is started the way ``webui.py --nowebui`` starts it (``initialize.initialize()``,
+the FastAPI app with the WebUI's ``Api``, the ``app_started`` callbacks) and driven through
+its HTTP API in-process with ``fastapi.testclient``. Nothing of the WebUI is imitated.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import build_host  # noqa: E402
+
+INFO_PATH = os.path.join(build_host.CACHE, "host.json")
+if not os.path.exists(INFO_PATH):
+    raise pytest.UsageError(f"the real host is not built: run `python3 tests/realhost/build_host.py` first ({INFO_PATH} missing)")
+INFO = json.load(open(INFO_PATH))
+_VENV = os.path.dirname(os.path.dirname(INFO["python"]))
+if os.path.realpath(sys.prefix) != os.path.realpath(_VENV):
+    raise pytest.UsageError(f"the real-host tests run in the WebUI's venv: {INFO['python']} -m pytest tests/realhost")
+
+DATA_DIR = tempfile.mkdtemp(prefix="ssr-realhost-")
+build_host.make_data_dir(DATA_DIR, INFO)
+os.environ.update({k: v for k, v in build_host.host_env(INFO, DATA_DIR).items()
+                   if k.startswith(("HF_", "TRANSFORMERS_", "TOKENIZERS_"))})
+EXTENSION_DIR = os.path.join(DATA_DIR, "extensions", build_host.EXTENSION_NAME)
+MODELS = os.path.join(DATA_DIR, "models")
+TINY_CKPT = "tiny_sd1.safetensors"
+FULL_CKPT = "full_sd1.safetensors"
+
+# The clone's ``ssr`` is what the WebUI loads; the tests' references use the same files.
+sys.path.insert(0, EXTENSION_DIR)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(DATA_DIR, ignore_errors=True)
+
+
+class Host:
+    """The started WebUI: ``client`` (TestClient on the WebUI's app), ``shared``, ``script``
+    (the loaded SSR script module)."""
+
+    def __init__(self):
+        webui = INFO["webui"]
+        os.chdir(webui)
+        sys.path.insert(0, webui)
+        sys.argv = [os.path.join(webui, "webui.py"), "--data-dir", DATA_DIR, "--skip-prepare-environment",
+                    "--skip-torch-cuda-test", "--use-cpu", "all", "--no-half", "--no-download-sd-model",
+                    "--skip-version-check", "--api", "--nowebui",
+                    "--ckpt", os.path.join(MODELS, "Stable-diffusion", TINY_CKPT)]
+        from modules import initialize
+
+        initialize.imports()
+        initialize.initialize()
+
+        from fastapi import FastAPI
+        from fastapi.testclient import TestClient
+        from modules import initialize_util, script_callbacks, scripts, shared
+        from modules.api.api import Api
+        from modules.call_queue import queue_lock
+
+        shared.sd_model  # noqa: B018  (waits for the model that initialize() loads in a thread)
+        self.app = FastAPI()
+        initialize_util.setup_middleware(self.app)
+        self.api = Api(self.app, queue_lock)
+        script_callbacks.before_ui_callback()
+        script_callbacks.app_started_callback(None, self.app)
+        self.client = TestClient(self.app)
+        self.shared = shared
+        self.scripts = scripts
+        self.script = None
+        for data in scripts.scripts_data:
+            if os.path.realpath(data.path).startswith(os.path.realpath(EXTENSION_DIR)):
+                self.script = data.module
+        if self.script is None:
+            raise RuntimeError("the SSR-Encoder script was not loaded by the WebUI")
+
+    @property
+    def unet(self):
+        return self.shared.sd_model.model.diffusion_model
+
+    def post(self, route: str, payload: dict, status: int = 200) -> dict:
+        r = self.client.post(route, json=payload)
+        assert r.status_code == status, f"{route}: HTTP {r.status_code}: {r.text[:2000]}"
+        return r.json()
+
+    def txt2img(self, **payload) -> dict:
+        payload.setdefault("width", 64)
+        payload.setdefault("height", 64)
+        payload.setdefault("steps", 3)
+        payload.setdefault("sampler_name", "Euler")
+        payload.setdefault("cfg_scale", 5.0)
+        payload.setdefault("seed", 1234)
+        return self.post("/sdapi/v1/txt2img", payload)
+
+    def img2img(self, **payload) -> dict:
+        payload.setdefault("width", 64)
+        payload.setdefault("height", 64)
+        payload.setdefault("steps", 4)
+        payload.setdefault("sampler_name", "Euler")
+        payload.setdefault("cfg_scale", 5.0)
+        payload.setdefault("seed", 1234)
+        return self.post("/sdapi/v1/img2img", payload)
+
+    def set_options(self, **opts) -> None:
+        r = self.client.post("/sdapi/v1/options", json=opts)
+        assert r.status_code == 200, r.text
+
+    def load_checkpoint(self, name: str) -> None:
+        if os.path.basename(self.shared.sd_model.sd_checkpoint_info.filename) != name:
+            self.set_options(sd_model_checkpoint=name)
+        assert os.path.basename(self.shared.sd_model.sd_checkpoint_info.filename) == name
+
+
+_HOST = {}
+
+
+@pytest.fixture(scope="session")
+def host() -> Host:
+    if "host" not in _HOST:
+        _HOST["host"] = Host()
+    return _HOST["host"]
+
+
+@pytest.fixture
+def tiny_host(host) -> Host:
+    host.load_checkpoint(TINY_CKPT)
+    return host
+
+
+@pytest.fixture
+def full_host(host) -> Host:
+    host.load_checkpoint(FULL_CKPT)
+    return host

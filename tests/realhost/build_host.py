@@ -202,11 +202,19 @@ def models_part(venv: Part, webui: Part) -> Part:
 
 
 def build_models(part: Part, venv: Part, webui: Part) -> None:
-    part.begin()
+    """Written into a new folder that then replaces the old one, so that a test session
+    running meanwhile keeps complete files (the models are seeded: same inputs, same bytes)."""
+    new, old = part.path + ".new", part.path + ".old"
+    shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     log(f"writing tiny random models into {part.path}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(webui.path, "repositories", "stable-diffusion-stability-ai")]))
-    subprocess.run([os.path.join(venv.path, "bin", "python"), os.path.join(HERE, "make_models.py"), part.path],
+    subprocess.run([os.path.join(venv.path, "bin", "python"), os.path.join(HERE, "make_models.py"), new],
                    check=True, env=env, cwd=REPO)
+    if os.path.exists(part.path):
+        os.rename(part.path, old)
+    os.rename(new, part.path)
+    shutil.rmtree(old, ignore_errors=True)
     part.done()
 
 

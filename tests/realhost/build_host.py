@@ -209,7 +209,7 @@ def build_models(part: Part, venv: Part, webui: Part) -> None:
     shutil.rmtree(old, ignore_errors=True)
     log(f"writing tiny random models into {part.path}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(webui.path, "repositories", "stable-diffusion-stability-ai")]))
-    subprocess.run([os.path.join(venv.path, "bin", "python"), os.path.join(HERE, "make_models.py"), new],
+    subprocess.run([os.path.join(venv.path, "bin", "python"), os.path.join(HERE, "make_models.py"), new, part.path],
                    check=True, env=env, cwd=REPO)
     if os.path.exists(part.path):
         os.rename(part.path, old)

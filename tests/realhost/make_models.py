@@ -4,7 +4,9 @@ some layers; with those zeros attention would have no effect and comparisons pas
 Run by build_host.py inside the WebUI's venv, with the repository and the WebUI's
 ``repositories/stable-diffusion-stability-ai`` on PYTHONPATH:
 
-    python tests/realhost/make_models.py OUT
+    python tests/realhost/make_models.py OUT [FINAL]
+
+(FINAL: where OUT will be moved to; the checkpoint configs name the text encoder folder there.)
 
 OUT/ (each top-level folder is linked into a test session's ``models/``):
 
@@ -178,10 +180,10 @@ def controlnet_state_dict(unet_sd: dict, model_channels: int, seed: int) -> dict
 
 # --------------------------------------------------------------------------- main
 
-def main(out: str) -> None:
+def main(out: str, final: str) -> None:
     os.makedirs(out, exist_ok=True)
-    text_folder = os.path.join(out, "_text_encoder")
-    text_model = text_encoder(text_folder)
+    text_model = text_encoder(os.path.join(out, "_text_encoder"))
+    text_folder = os.path.join(final, "_text_encoder")  # as the checkpoint configs will find it
 
     ckpts = os.path.join(out, "Stable-diffusion")
     os.makedirs(ckpts, exist_ok=True)
@@ -214,4 +216,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else sys.argv[1])

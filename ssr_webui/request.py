@@ -19,7 +19,7 @@ import io
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -37,7 +37,26 @@ GLOBAL_FIELDS = ("enabled", "scale", "start", "end", "model", "clip_model")
 SLOT_FIELDS = ("image", "query", "weight", "mask_weight")
 DICT_FIELDS = GLOBAL_FIELDS + ("subjects",)
 SUBJECT_FIELDS = ("image", "query", "mask", "weight", "mask_weight")
-_DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
+# The positional form is what the UI sends: its errors name the controls by their labels.
+UI_FIELD_NAMES = {"enabled": "SSR-Encoder", "scale": "Subject scale", "start": "Start at", "end": "End at",
+                  "model": "SSR weights", "clip_model": "CLIP ViT-L/14 vision weights", "subjects": "SSR-Encoder"}
+UI_SUBJECT_SUFFIXES = {"image": "", "query": " query", "weight": " weight", "mask_weight": " mask strength",
+                       "mask": " mask", "image.mask": " mask"}
+FieldNamer = Union[str, Callable[[str], str]]  # a prefix ("subjects[0].") or key -> field name
+
+_DATA_URL = re.compile(r"^data:([^,;]*)((?:;[^,;]*)*),", re.IGNORECASE)
+_BASE64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
+_LOOKS_LIKE_URL_OR_PATH = re.compile(r"^(?:[a-z][a-z0-9+.-]*:|[/~.])|\\|\.(?:png|jpe?g|webp|gif|bmp)$", re.IGNORECASE)
+NOT_AN_IMAGE = "not a base64 image or data URL"
+# File signatures of the formats accepted, and the one Pillow plugin each may be opened with.
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+               (b"BM", "BMP"))
+
+
+def ui_subject_field(slot: int) -> Callable[[str], str]:
+    """Field names of UI slot ``slot`` (0-based), as its controls are labelled: "Subject 1"
+    (the image), "Subject 1 query", "Subject 1 weight", "Subject 1 mask strength", ..."""
+    return lambda key: f"Subject {slot + 1}{UI_SUBJECT_SUFFIXES.get(key, ' ' + key)}"
 
 
 class ArgumentError(ValueError):
@@ -82,6 +101,10 @@ class SSRRequest:
     subjects: List[SubjectRequest] = field(default_factory=list)
     form: str = "positional"  # or "dict"
 
+    def field_name(self, key: str) -> str:
+        """How errors about a global field (e.g. "model") name it in this request's form."""
+        return UI_FIELD_NAMES.get(key, key) if self.form == "positional" else key
+
 
 # ----------------------------------------------------------------------------- scalar fields
 
@@ -122,33 +145,64 @@ def _model_name(value: Any, name: str) -> Optional[str]:
 
 # ----------------------------------------------------------------------------- images
 
+def _not_an_image(name: str, value: str, reason: str) -> ArgumentError:
+    hint = "; send the image file's bytes base64-encoded, optionally as a data URL (data:image/png;base64,...)"
+    if _LOOKS_LIKE_URL_OR_PATH.search(value.strip()[:300]):
+        hint += "; URLs and server paths are not accepted"
+    return ArgumentError(name, f"{NOT_AN_IMAGE} ({reason}){hint}")
+
+
 def decode_base64_image(value: str, name: str) -> Image.Image:
-    """A base64 string or ``data:image/...;base64,`` URL -> a loaded PIL image (EXIF rotation
-    applied). Checks the encoded size and the pixel count before decoding the pixels."""
-    text = _DATA_URL.sub("", value.strip(), count=1)
-    if text.startswith(("http://", "https://", "/", "file:")):
-        raise ArgumentError(name, "URLs and server paths are not accepted; send the image as base64 or a data URL")
+    """A base64 string or ``data:...;base64,`` URL -> a loaded PIL image (EXIF rotation
+    applied). Never opens a file or URL: the text must be base64 (alphabet ``A-Za-z0-9+/``,
+    ``=`` padding; whitespace ignored) whose bytes start with a PNG, JPEG, WebP, GIF or BMP
+    signature. A path such as ``/etc/passwd`` may consist of base64 characters, but its bytes
+    are no image, so it is refused by the same rule; and the base64 of every JPEG starts with
+    ``/9j/``, so no rule on a leading ``/`` can be used. Checks the encoded size and the pixel
+    count before decoding the pixels."""
+    text = value.strip()
+    match = _DATA_URL.match(text)
+    if match:
+        if ";base64" not in match.group(2).lower():
+            raise _not_an_image(name, value, "a data URL must be base64-encoded: data:image/...;base64,...")
+        text = text[match.end():]
     text = re.sub(r"\s+", "", text)
     if len(text) * 3 // 4 > MAX_IMAGE_BYTES:
         raise ArgumentError(name, f"image data is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MiB")
+    if not text:
+        raise _not_an_image(name, value, "no data")
+    if not _BASE64.match(text):
+        bad = next(c for c in text if not (c.isascii() and (c.isalnum() or c in "+/=")))
+        raise _not_an_image(name, value, f"it contains {bad!r}, which base64 does not use")
+    if len(text) % 4 == 1:
+        raise _not_an_image(name, value, "its length is not that of base64 data")
     try:
         raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError) as e:
-        raise ArgumentError(name, f"not valid base64 ({e})") from e
+        raise _not_an_image(name, value, f"invalid base64: {e}") from e
+    kind = next((fmt for magic, fmt in _SIGNATURES if raw.startswith(magic)), None)
+    if kind is None and raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        kind = "WEBP"
+    if kind is None:
+        raise _not_an_image(name, value, "the decoded bytes are not a PNG, JPEG, WebP, GIF or BMP file")
     try:
-        image = Image.open(io.BytesIO(raw))
+        image = Image.open(io.BytesIO(raw), formats=[kind])
         if image.width * image.height > MAX_IMAGE_PIXELS:
             raise ArgumentError(name, f"image is {image.width}x{image.height}; at most {MAX_IMAGE_PIXELS} pixels are accepted")
         image.load()
     except ArgumentError:
         raise
     except Exception as e:  # noqa: BLE001 - PIL raises many types for undecodable data
-        raise ArgumentError(name, f"not a decodable image (PNG, JPEG or WebP expected): {type(e).__name__}") from e
+        raise _not_an_image(name, value, f"the {kind} data cannot be decoded: {type(e).__name__}") from e
     return ImageOps.exif_transpose(image)
 
 
-def to_image(value: Any, name: str) -> Optional[Image.Image]:
-    """PIL image, HxWxC numpy array or base64 string -> PIL image; None stays None."""
+def to_image(value: Any, name: str, kind: str = "image") -> Optional[Image.Image]:
+    """PIL image, HxWxC numpy array or base64 string -> an "RGB" PIL image (``kind="image"``:
+    transparency over white, 16-bit grey scaled to 8 bits, CMYK converted) or an "L" mask
+    (``kind="mask"``: brightness times alpha, white = selected); None stays None."""
+    from ssr.image_encoder import mask_to_array, to_pil_rgb
+
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, Image.Image):
@@ -164,16 +218,20 @@ def to_image(value: Any, name: str) -> Optional[Image.Image]:
         raise ArgumentError(name, f"expected a base64-encoded image or data URL, got {type(value).__name__}")
     if image.width < 1 or image.height < 1 or image.width * image.height > MAX_IMAGE_PIXELS:
         raise ArgumentError(name, f"image is {image.width}x{image.height}; expected 1 to {MAX_IMAGE_PIXELS} pixels")
-    return image
+    try:
+        if kind == "mask":
+            return Image.fromarray(np.round(mask_to_array(image, name) * 255.0).astype(np.uint8), "L")
+        return to_pil_rgb(image, what=name)
+    except (ValueError, TypeError, OSError) as e:
+        raise ArgumentError(name, f"cannot read this image ({image.mode}): {e}") from e
 
 
 def mask_array(image: Image.Image) -> np.ndarray:
     """A mask image -> HxW float32 in [0, 1]: brightness, times alpha where there is alpha
     (gradio's sketch layer is white strokes; API masks are white-on-black)."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
-        return rgba[..., :3].max(axis=2) * rgba[..., 3]
-    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    from ssr.image_encoder import mask_to_array
+
+    return mask_to_array(image)
 
 
 def _check_mask(mask: np.ndarray, image: Image.Image, name: str) -> None:
@@ -186,12 +244,15 @@ def _check_mask(mask: np.ndarray, image: Image.Image, name: str) -> None:
 # ----------------------------------------------------------------------------- subjects
 
 def parse_subject(image_value: Any, query: Any, weight: Any, mask_weight: Any, *, mask_value: Any = None,
-                  prefix: str, slot: int, explicit_mask: bool = False) -> Optional[SubjectRequest]:
+                  prefix: FieldNamer, slot: int, explicit_mask: bool = False) -> Optional[SubjectRequest]:
     """One slot / subject dict -> SubjectRequest, or None for an empty slot.
 
     ``image_value`` may be a sketch dict ``{"image", "mask"}``; an all-black sketch mask means
-    "no mask drawn" (text mode). A mask sent explicitly (``explicit_mask``) must select something."""
-    image_field = f"{prefix}image"
+    "no mask drawn" (text mode). A mask sent explicitly (``explicit_mask``) must select something.
+    ``prefix`` names the fields in errors: a string put before the key ("subjects[0].") or a
+    function of the key (``ui_subject_field(slot)``)."""
+    field_of = prefix if callable(prefix) else (lambda key, _prefix=prefix: f"{_prefix}{key}")
+    image_field = field_of("image")
     sketch_mask = None
     if isinstance(image_value, dict):
         unknown = sorted(set(image_value) - {"image", "mask"})
@@ -200,17 +261,18 @@ def parse_subject(image_value: Any, query: Any, weight: Any, mask_weight: Any, *
         sketch_mask = image_value.get("mask")
         image_value = image_value.get("image")
     image = to_image(image_value, image_field)
-    query_text = _text(query, f"{prefix}query")
+    query_text = _text(query, field_of("query"))
     if image is None:
         if query_text or mask_value is not None:
-            raise ArgumentError(image_field, "a query or mask was given but no reference image")
+            given = "a query" if mask_value is None else ("a mask" if not query_text else "a query and a mask")
+            raise ArgumentError(image_field, f"{given} was given but no reference image")
         return None
-    weight = _number(DEFAULTS["weight"] if weight is None else weight, f"{prefix}weight", WEIGHT_RANGE)
-    mask_weight = _number(DEFAULTS["mask_weight"] if mask_weight is None else mask_weight, f"{prefix}mask_weight",
+    weight = _number(DEFAULTS["weight"] if weight is None else weight, field_of("weight"), WEIGHT_RANGE)
+    mask_weight = _number(DEFAULTS["mask_weight"] if mask_weight is None else mask_weight, field_of("mask_weight"),
                           MASK_WEIGHT_RANGE)
     mask = None
-    for value, name, required in ((sketch_mask, f"{prefix}image.mask", False), (mask_value, f"{prefix}mask", explicit_mask)):
-        mask_image = to_image(value, name)
+    for value, name, required in ((sketch_mask, field_of("image.mask"), False), (mask_value, field_of("mask"), explicit_mask)):
+        mask_image = to_image(value, name, kind="mask")
         if mask_image is None:
             continue
         candidate = mask_array(mask_image)
@@ -221,7 +283,7 @@ def parse_subject(image_value: Any, query: Any, weight: Any, mask_weight: Any, *
         _check_mask(candidate, image, name)
         mask = candidate
     if mask is None and not query_text:
-        raise ArgumentError(f"{prefix}query", "give a query text (e.g. 'the dog') or draw a mask over the subject")
+        raise ArgumentError(field_of("query"), "give a query text (e.g. 'the dog') or draw a mask over the subject")
     return SubjectRequest(image=image, query=query_text, mask=mask, weight=weight, mask_weight=mask_weight, slot=slot)
 
 
@@ -252,13 +314,14 @@ def _globals(values: Dict[str, Any], name: Dict[str, str]) -> Dict[str, Any]:
     }
 
 
-def _finish(request: SSRRequest, end_field: str, subjects_field: str) -> SSRRequest:
+def _finish(request: SSRRequest) -> SSRRequest:
+    name = request.field_name
     if request.start >= request.end:
-        raise ArgumentError(end_field, f"end ({request.end:g}) must be greater than start ({request.start:g})")
+        raise ArgumentError(name("end"), f"{request.end:g} must be greater than {name('start')} ({request.start:g})")
     if not request.subjects:
-        raise ArgumentError(subjects_field, "no subject: add at least one reference image with a query or a mask")
+        raise ArgumentError(name("subjects"), "no subject: add at least one reference image with a query or a mask")
     if len(request.subjects) > MAX_SUBJECTS:
-        raise ArgumentError(subjects_field, f"{len(request.subjects)} subjects; at most {MAX_SUBJECTS} are accepted")
+        raise ArgumentError(name("subjects"), f"{len(request.subjects)} subjects; at most {MAX_SUBJECTS} are accepted")
     return request
 
 
@@ -276,15 +339,16 @@ def parse_dict_args(args: Dict[str, Any]) -> SSRRequest:
     if len(subjects) > MAX_SUBJECTS:
         raise ArgumentError("subjects", f"{len(subjects)} subjects; at most {MAX_SUBJECTS} are accepted")
     request.subjects = [_subject_from_dict(s, i) for i, s in enumerate(subjects)]
-    return _finish(request, "end", "subjects")
+    return _finish(request)
 
 
 def parse_positional_args(args: Sequence[Any]) -> SSRRequest:
-    """The UI's list. Positions beyond the list, or left None, take the defaults."""
+    """The UI's list. Positions beyond the list, or left None, take the defaults. Errors name
+    the UI's controls ("Subject 1 weight"), since that is what the user sees."""
     def at(i):
         return args[i] if i < len(args) else None
 
-    name = {k: f"args[{i}] ({k})" for i, k in enumerate(GLOBAL_FIELDS)}
+    name = {k: UI_FIELD_NAMES[k] for k in GLOBAL_FIELDS}
     if not _boolean(at(0), name["enabled"]):
         return SSRRequest(enabled=False)
     values = {k: at(i) for i, k in enumerate(GLOBAL_FIELDS) if at(i) is not None}
@@ -295,10 +359,10 @@ def parse_positional_args(args: Sequence[Any]) -> SSRRequest:
     for slot in range(max(0, extra) // len(SLOT_FIELDS)):
         base = len(GLOBAL_FIELDS) + slot * len(SLOT_FIELDS)
         subject = parse_subject(at(base), at(base + 1), at(base + 2), at(base + 3),
-                                prefix=f"args[{base}..{base + 3}] subjects[{slot}].", slot=slot)
+                                prefix=ui_subject_field(slot), slot=slot)
         if subject is not None:
             request.subjects.append(subject)
-    return _finish(request, name["end"], "subjects")
+    return _finish(request)
 
 
 def parse_script_args(args: Sequence[Any]) -> SSRRequest:

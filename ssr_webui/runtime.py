@@ -288,8 +288,8 @@ class SSRRuntime:
                 return None
             with self.lock:
                 listing = self.list_models()
-                ssr_file = self.resolve(listing, "ssr", request.model, "model")
-                clip_file = self.resolve(listing, "clip", request.clip_model, "clip_model")
+                ssr_file = self.resolve(listing, "ssr", request.model, request.field_name("model"))
+                clip_file = self.resolve(listing, "clip", request.clip_model, request.field_name("clip_model"))
                 weights = self.ssr_weights(ssr_file)
                 self.check_sd_model(p.sd_model, weights)  # before loading CLIP: fail fast
                 embedder = self.embedder(ssr_file, clip_file)

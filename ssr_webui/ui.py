@@ -15,7 +15,7 @@ import gradio as gr
 
 from . import EXTENSION_TITLE, infotext, settings
 from .preview import heatmap_overlay
-from .request import DEFAULTS, MASK_WEIGHT_RANGE, SCALE_RANGE, WEIGHT_RANGE, ArgumentError, parse_subject
+from .request import DEFAULTS, MASK_WEIGHT_RANGE, SCALE_RANGE, WEIGHT_RANGE, ArgumentError, parse_subject, ui_subject_field
 
 GRADIO_MAJOR = int(gr.__version__.split(".")[0])
 
@@ -118,7 +118,7 @@ def preview_slots(runtime, model_name, clip_name, slot_values):
     for slot in range(len(slot_values) // 4):
         image, query, weight, mask_weight = slot_values[4 * slot: 4 * slot + 4]
         try:
-            subject = parse_subject(image, query, weight, mask_weight, prefix=f"subject {slot + 1} ", slot=slot)
+            subject = parse_subject(image, query, weight, mask_weight, prefix=ui_subject_field(slot), slot=slot)
         except ArgumentError as e:
             notes.append(str(e))
             continue
@@ -128,7 +128,7 @@ def preview_slots(runtime, model_name, clip_name, slot_values):
             with generation_lock():
                 heatmap, _, _, _ = runtime.preview(subject, model_name, clip_name, shared.sd_model)
         except Exception as e:  # noqa: BLE001 - shown to the user
-            notes.append(f"subject {slot + 1}: {e}")
+            notes.append(f"Subject {slot + 1}: {e}")
             continue
         caption = f"Subject {slot + 1}: {subject.mode} query" + (f" '{subject.query}'" if subject.query else "")
         items.append((heatmap_overlay(subject.image, heatmap, mask=subject.mask), caption))

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import pickle
+import warnings
 import zipfile
 from typing import Any, Dict, Tuple
 
@@ -126,7 +127,11 @@ def read_torch_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     if is_torchscript_archive(path):
         raise TorchScriptRefused(torchscript_refusal(path))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch 2.1's weights_only unpickler warns "TypedStorage is deprecated" from its own
+            # internals for every file; nothing a user can act on.
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle, zip and unpickler errors all mean "bad file"
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if msg.startswith("Weights only load failed"):  # torch's text advises the unsafe weights_only=False

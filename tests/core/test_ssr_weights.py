@@ -8,6 +8,7 @@ family check applies) keep files small; one test uses the real SD1.5 shapes.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -321,3 +322,42 @@ def test_newer_single_file_format_is_refused(tmp_path, files):
     path = str(tmp_path / "future.safetensors")
     save_file(sd, path, metadata={"format": "ssr-encoder", "format_version": "99"})
     expect_error(path, "future.safetensors", "newer")
+
+
+def test_webui_safe_loader_refusal_is_explained(tmp_path, tensors, monkeypatch, capsys):
+    """Under the WebUI, torch.load is the host's restricted loader: for a pickle it refuses it
+    prints an error and returns None (a stand-in with that behaviour, written from it)."""
+    aligner, layers = tensors
+    folder = write_official(tmp_path / "pair", aligner, layers)
+
+    def webui_safe_load(filename, *args, **kwargs):
+        print(f"Error verifying pickled file from {filename}: ...", file=sys.stderr)
+        return None
+
+    webui_safe_load.__module__ = "modules.safe"
+    monkeypatch.setattr(torch, "load", webui_safe_load)
+    message = expect_error(folder, "pytorch_model.bin", "the WebUI's safe loader refused this pickle file",
+                           "objects other than tensors", ".safetensors", "convert.py", "download the safetensors version")
+    assert "NoneType" not in message
+
+
+def test_torch_21_typed_storage_warning_is_not_shown(tmp_path, tensors, monkeypatch):
+    """torch 2.1 (the WebUI's) warns 'TypedStorage is deprecated' from inside
+    torch.load(weights_only=True) for every file; users must not see it (it is torch's own
+    internals, nothing they can act on). Simulated here on newer torch."""
+    import warnings
+
+    aligner, layers = tensors
+    folder = write_official(tmp_path / "pair", aligner, layers)
+    real_load = torch.load
+
+    def torch21_load(*args, **kwargs):
+        warnings.warn("TypedStorage is deprecated. It will be removed in the future and UntypedStorage will be "
+                      "the only storage class.", UserWarning)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", torch21_load)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        load_ssr_weights(folder)
+    assert not [w for w in seen if "TypedStorage" in str(w.message)]

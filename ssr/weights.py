@@ -115,18 +115,46 @@ def _widths(att: Dict[str, torch.Tensor], path: str) -> List[int]:
     return [att[f"{p}.to_k.weight"].shape[0] if f"{p}.to_k.weight" in att else 0 for p in positions]
 
 
+def family_problem(context_dim: int, expect_family: Optional[str] = "sd1", allow_unknown: bool = False) -> Optional[str]:
+    """Why weights with this text-context width do not fit ``expect_family`` (None: they do).
+    ``allow_unknown`` lets widths of no known family pass (tiny test models)."""
+    family = FAMILIES.get(int(context_dim), "unknown")
+    if expect_family is None or family == expect_family or (family == "unknown" and allow_unknown):
+        return None
+    needed = FAMILY_LABELS[expect_family]
+    if family == "unknown":
+        return f"these SSR weights take a {context_dim}-wide text context, which is no SD family's; {needed} weights are needed"
+    return f"these SSR weights are for {FAMILY_LABELS[family]}, {context_dim}-wide text context; {needed} weights are needed"
+
+
+def pair_mismatch(text_dim: int, context_dim: int, aligner: str, layers: str) -> Optional[str]:
+    """Why an aligner and layer weights do not belong together (None: they may)."""
+    if int(text_dim) == int(context_dim):
+        return None
+    if aligner == layers:
+        return (f"{aligner}: its aligner takes a {text_dim}-wide text context but its layer weights a "
+                f"{context_dim}-wide one; the file is damaged or not SSR-Encoder weights")
+    return (f"{aligner} (aligner, {FAMILY_LABELS.get(FAMILIES.get(int(text_dim)), str(text_dim) + '-wide')}) and "
+            f"{layers} (layer weights, {FAMILY_LABELS.get(FAMILIES.get(int(context_dim)), str(context_dim) + '-wide')}) "
+            "are not from the same release: they take different text-context widths")
+
+
 def _build(enc: Dict[str, torch.Tensor], att: Dict[str, torch.Tensor], heads: int,
            sources: Tuple[str, str], metadata: Dict[str, str], expect_family: Optional[str]) -> SSRWeights:
-    config = _encoder_config(enc, heads, sources[0])
     if not att:
         raise WeightFileError(f"{sources[1]}: holds no SSR layer weights")
-    widths = _widths(att, sources[1])
+    # The family first: other families' files differ in every shape, and a list of
+    # mismatched shapes would hide the one thing the user needs to know.
+    text_dim = enc["to_q.weight"].shape[1] if "to_q.weight" in enc and enc["to_q.weight"].ndim == 2 else None
     context_dim = next(iter(att.values())).shape[1]
-    family = FAMILIES.get(context_dim, "unknown")
-    if expect_family and family != expect_family:
-        raise WeightFileError(
-            f"{sources[1]}: these SSR layer weights take a {context_dim}-dim text context "
-            f"({FAMILY_LABELS.get(family, 'unknown family')}); expected {FAMILY_LABELS[expect_family]} weights")
+    for dim, path in ((text_dim, sources[0]), (context_dim, sources[1])):
+        problem = family_problem(dim, expect_family) if dim is not None else None
+        if problem:
+            raise WeightFileError(f"{path}: {problem}")
+    if text_dim is not None and pair_mismatch(text_dim, context_dim, *sources):
+        raise WeightFileError(pair_mismatch(text_dim, context_dim, *sources))
+    config = _encoder_config(enc, heads, sources[0])
+    widths = _widths(att, sources[1])
     if expect_family == "sd1" and len(widths) != 16:
         raise WeightFileError(f"{sources[1]}: {len(widths)} layers; SD1.x SSR weights have 16 attn2 layers")
     model = SSRWeights(config, widths, metadata)

@@ -283,13 +283,42 @@ def test_pickle_with_code_is_refused(tmp_path, tensors):
     assert not os.path.exists(marker), "unpickling executed code"
 
 
+def family_message(family, context_dim):
+    return f"these SSR weights are for {family}, {context_dim}-wide text context; SD1.x weights are needed"
+
+
+def assert_no_shapes(message):
+    """The family is the whole story: no tensor shapes or key lists for the user to decode."""
+    assert "(" not in message.split(": ", 1)[1] and "[" not in message, message
+
+
 @pytest.mark.parametrize("context_dim, family", [(1024, "SD2.x"), (2048, "SDXL")])
-def test_other_family_layer_weights(tmp_path, context_dim, family):
+def test_other_family_weights_say_so(tmp_path, context_dim, family):
     aligner, layers = official_tensors(context_dim=context_dim, seed=2)
     folder = write_reexport(tmp_path / family, aligner, layers)
-    expect_error(folder, "ssr_attentions.safetensors", f"{context_dim}-dim", family, "SD1.x")
+    assert_no_shapes(expect_error(folder, "ssr_aligner.safetensors", family_message(family, context_dim)))
+    folder = write_official(tmp_path / (family + "_bin"), aligner, layers)
+    assert_no_shapes(expect_error(folder, "pytorch_model.bin", family_message(family, context_dim)))
+    # our single file of that family
+    single = str(tmp_path / f"{family}.safetensors")
+    save_ssr_weights(load_ssr_weights(folder, expect_family=None), single)
+    assert_no_shapes(expect_error(single, f"{family}.safetensors", family_message(family, context_dim)))
     # and the checks are off when the caller asks for any family
     assert load_ssr_weights(folder, expect_family=None).attention.context_dim == context_dim
+
+
+@pytest.mark.parametrize("sd2_half", ["aligner", "layers"])
+def test_pair_with_one_sd2_half_names_that_file(tmp_path, tensors, sd2_half):
+    """One half SD1, the other SD2 (mixed downloads): the SD2 file is named, no shapes."""
+    aligner, layers = tensors
+    aligner2, layers2 = official_tensors(context_dim=1024, seed=3)
+    if sd2_half == "aligner":
+        folder, name = write_official(tmp_path / "mix", aligner2, layers), "pytorch_model.bin"
+    else:
+        folder, name = write_official(tmp_path / "mix", aligner, layers2), "pytorch_model_1.bin"
+    message = expect_error(folder, name, family_message("SD2.x", 1024))
+    assert_no_shapes(message)
+    assert os.path.join(folder, name) in message
 
 
 def test_lone_half_of_a_pair(tmp_path, tensors):

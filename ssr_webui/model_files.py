@@ -1,34 +1,35 @@
 """Finding SSR and CLIP-vision weight files, and telling them apart without loading them.
 
-Search folders (webui-host.md, section 2/7): SSR weights in ``models/ssr_encoder/``; CLIP
-ViT-L/14 vision weights in ``models/ssr_encoder/``, ``models/clip_vision/`` and
-sd-webui-controlnet's ``annotator/downloads/clip_vision/`` when it is installed.
+Search folders (docs/webui-host-notes.md, sections 2 and 7): SSR weights in
+``models/ssr_encoder/``; CLIP ViT-L/14 vision weights in ``models/ssr_encoder/``,
+``models/clip_vision/`` and sd-webui-controlnet's ``annotator/downloads/clip_vision/`` when
+it is installed.
 
-Files are recognised by their keys, read cheaply: the JSON header of a ``.safetensors``
-file, or the string constants of the ``data.pkl`` record inside a zip-format torch file
-(scanned with ``pickletools``; nothing is unpickled, no code runs). Names are used only
-where keys cannot be read (legacy pickles, TorchScript archives). The two files of an
-official or re-exported pair are offered as one entry, named after the aligner file; its
-partner is found beside it by the loader.
+Files are recognised by their content only, never by their names: the tensor names and
+shapes of each file, read cheaply by ``ssr.files.read_tensor_headers`` (the JSON header of
+a ``.safetensors`` file; the pickle record of a torch file, read by an unpickler that
+resolves nothing but inert stand-ins, without touching the tensor data). That also finds
+truncated files, TorchScript archives (refused: loading one runs code) and weights for
+another model family, which are listed under ``ignored`` with the reason instead of being
+offered. The two files of an official or re-exported pair are offered as one entry, named
+after the aligner file; its partner is found beside it by the loader.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import pickletools
 import re
-import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from ssr.files import file_sha256
+from ssr.files import WeightFileError, file_sha256, read_tensor_headers
+from ssr.weights import family_problem, pair_mismatch
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 SSR_PAIRS = (("pytorch_model.bin", "pytorch_model_1.bin"), ("ssr_aligner.safetensors", "ssr_attentions.safetensors"))
 HF_CLIP_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-# ControlNet's CLIP-H / CLIP-G downloads (IP-Adapter): not ViT-L/14, never offered.
-NOT_VIT_L = {"clip_h.pth", "clip_g.pth"}
+NOT_VIT_L_WIDTHS = {1280: "ViT-H", 1664: "ViT-bigG"}  # IP-Adapter's CLIP-H / CLIP-G
 _SSR_LAYER_KEY = re.compile(r"^\d+\.to_[kv]_SSR\.weight$")
 _MAX_DEPTH = 3
 
@@ -62,6 +63,29 @@ class ModelListing:
     clip: List[ModelFile] = field(default_factory=list)
     ignored: List[Tuple[str, str]] = field(default_factory=list)  # (path, why)
     folders: Dict[str, List[str]] = field(default_factory=dict)
+    roots: List[Tuple[str, str]] = field(default_factory=list)  # (label, folder) searched
+
+    def display(self, path: str) -> str:
+        """``path`` as users may see it: '<folder label>/<path inside it>' ('/'-separated),
+        never the absolute server path (the file name alone if it lies in no search folder)."""
+        full = os.path.abspath(path)
+        best = None
+        for label, root in self.roots:
+            root = os.path.abspath(root)
+            if full == root or full.startswith(root.rstrip(os.sep) + os.sep):
+                if best is None or len(root) > len(best[1]):
+                    best = (label, root)
+        if best is None:
+            return os.path.basename(full)
+        rel = os.path.relpath(full, best[1]).replace(os.sep, "/")
+        return best[0] if rel == "." else f"{best[0]}/{rel}"
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every search folder's absolute path replaced by its label."""
+        for label, root in sorted(self.roots, key=lambda r: -len(r[1])):
+            for form in {root, os.path.abspath(root)}:
+                text = text.replace(form.rstrip(os.sep) + os.sep, label + "/").replace(form, label)
+        return text
 
     def names(self, kind: str) -> List[str]:
         return [m.name for m in (self.ssr if kind == "ssr" else self.clip)]
@@ -85,40 +109,6 @@ class ModelListing:
 
 # ----------------------------------------------------------------------------- reading keys
 
-def safetensors_keys(path: str) -> Tuple[Set[str], Dict[str, List[int]]]:
-    """-> (tensor names, shapes) from a safetensors header only."""
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        if length <= 0 or length > min(os.path.getsize(path) - 8, 100 * 1024 * 1024):
-            raise ValueError("not a valid safetensors file (truncated download, or another format)")
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    return set(header), {k: v.get("shape", []) for k, v in header.items() if isinstance(v, dict)}
-
-
-def torch_zip_strings(path: str, limit: int = 64 * 1024 * 1024) -> Optional[Set[str]]:
-    """String constants of a zip-format torch file's pickle record (state-dict keys among
-    them), or None for TorchScript archives, legacy pickles and unreadable files."""
-    if not zipfile.is_zipfile(path):
-        return None
-    with zipfile.ZipFile(path) as z:
-        names = z.namelist()
-        if any(n.split("/")[1:2] == ["code"] for n in names):
-            return None  # TorchScript
-        record = [n for n in names if n.endswith("data.pkl")]
-        if not record or z.getinfo(record[0]).file_size > limit:
-            return None
-        data = z.read(record[0])
-    strings = set()
-    try:
-        for opcode, arg, _ in pickletools.genops(data):
-            if isinstance(arg, str) and "UNICODE" in opcode.name:
-                strings.add(arg)
-    except Exception:  # noqa: BLE001 - a damaged record: keys unknown
-        return None
-    return strings
-
-
 def kind_from_keys(keys: Iterable[str]) -> str:
     """-> "ssr" (our single file), "ssr-aligner", "ssr-layers", "clip" or "unknown"."""
     keys = set(keys)
@@ -134,29 +124,79 @@ def kind_from_keys(keys: Iterable[str]) -> str:
     return "unknown"
 
 
+@dataclass(frozen=True)
+class FileInfo:
+    """What a weight file holds: ``kind`` (see ``kind_from_keys``; "unknown" for anything
+    unusable), ``why`` ("keys" or the reason it cannot be used), and the text-context width
+    of SSR weights (to pair halves)."""
+
+    kind: str
+    why: str
+    context_dim: Optional[int] = None
+
+
+def _first(shapes: Dict[str, Tuple[int, ...]], pattern) -> Optional[Tuple[int, ...]]:
+    for k in sorted(shapes):
+        if (pattern.match(k) if hasattr(pattern, "match") else k == pattern) and len(shapes[k]) == 2:
+            return tuple(shapes[k])
+    return None
+
+
+_SINGLE_LAYER_KEY = re.compile(r"^attention\.\d+\.to_k\.weight$")
+
+
+def _shape_problem(kind: str, shapes: Dict[str, Tuple[int, ...]]) -> Tuple[Optional[str], Optional[int]]:
+    """-> (why the file cannot be used or None, its text-context width for SSR kinds)."""
+    if kind == "clip":
+        width = next((s[0] for k, s in shapes.items()
+                      if k.endswith(("patch_embedding.weight", "conv1.weight")) and s), None)
+        if width in NOT_VIT_L_WIDTHS:
+            return f"CLIP vision of width {width} ({NOT_VIT_L_WIDTHS[width]}); SSR-Encoder needs ViT-L/14", None
+        return None, None
+    if kind == "ssr":
+        q, k = _first(shapes, "encoder.to_q.weight"), _first(shapes, _SINGLE_LAYER_KEY)
+        if q is None or k is None:
+            return "incomplete SSR weights (no encoder.to_q or attention layer tensors)", None
+        problem = family_problem(q[1], allow_unknown=True) or family_problem(k[1], allow_unknown=True) \
+            or pair_mismatch(q[1], k[1], "this file", "this file")
+        return problem, q[1]
+    if kind == "ssr-aligner":
+        q = _first(shapes, "aligner.to_q.weight") or _first(shapes, "to_q.weight")
+        if q is None:
+            return "incomplete SSR aligner weights (no to_q tensor)", None
+        return family_problem(q[1], allow_unknown=True), q[1]
+    if kind == "ssr-layers":
+        k = _first(shapes, _SSR_LAYER_KEY)
+        count = len({key.split(".")[0] for key in shapes if _SSR_LAYER_KEY.match(key)})
+        problem = family_problem(k[1], allow_unknown=True)
+        if problem is None and k[1] == 768 and count != 16:
+            problem = f"{count} layers; SD1.x SSR weights have 16"
+        return problem, k[1]
+    return None, None
+
+
+def inspect_file(path: str) -> FileInfo:
+    """Kind, usability and context width of one weight file, from its headers only."""
+    try:
+        shapes, _ = read_tensor_headers(path)
+    except WeightFileError as e:
+        text = str(e)
+        return FileInfo("unknown", text[len(path) + 2:] if text.startswith(path + ": ") else text)
+    except OSError as e:
+        return FileInfo("unknown", f"unreadable: {e.strerror or type(e).__name__}")
+    kind = kind_from_keys(shapes)
+    if kind == "unknown":
+        return FileInfo("unknown", "neither SSR-Encoder nor CLIP vision weights (tensor names not recognised)")
+    problem, context_dim = _shape_problem(kind, shapes)
+    if problem:
+        return FileInfo("unknown", problem)
+    return FileInfo(kind, "keys", context_dim)
+
+
 def classify_file(path: str) -> Tuple[str, str]:
     """-> (kind, why) for one weight file."""
-    base = os.path.basename(path).lower()
-    try:
-        if os.path.getsize(path) == 0:
-            return "unknown", "empty file"
-        if base.endswith(".safetensors"):
-            keys, shapes = safetensors_keys(path)
-            kind = kind_from_keys(keys)
-            if kind == "clip":
-                width = next((s[0] for k, s in shapes.items()
-                              if k.endswith(("patch_embedding.weight", "conv1.weight")) and s), None)
-                if width in (1280, 1664):
-                    return "unknown", f"CLIP vision of width {width} (ViT-H/G), SSR-Encoder needs ViT-L/14"
-            return kind, "keys"
-        strings = torch_zip_strings(path)
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        return "unknown", f"unreadable: {e}"
-    if strings is not None:
-        return kind_from_keys(strings), "keys"
-    if "clip" in base or "vit" in base:  # TorchScript (OpenAI's ViT-L-14.pt) or a legacy pickle: go by name
-        return "clip", "name"
-    return "unknown", "keys not readable (legacy pickle); convert it with python -m ssr.convert"
+    info = inspect_file(path)
+    return info.kind, info.why
 
 
 def hf_clip_folder(folder: str) -> Optional[str]:
@@ -191,24 +231,30 @@ def _rel(path: str, root: str) -> str:
 
 
 class ModelFinder:
-    """Lists the weight choices; remembers each file's kind by (path, size, mtime), so a
+    """Lists the weight choices; remembers what each file holds by (path, size, mtime), so a
     refresh only opens new or changed files."""
 
     def __init__(self):
-        self._kinds: Dict[Tuple[str, int, int], Tuple[str, str]] = {}
+        self._infos: Dict[Tuple[str, int, int], FileInfo] = {}
 
-    def _kind(self, path: str) -> Tuple[str, str]:
+    def _info(self, path: str) -> FileInfo:
         st = os.stat(path)
         key = (path, st.st_size, st.st_mtime_ns)
-        if key not in self._kinds:
-            self._kinds[key] = classify_file(path)
-        return self._kinds[key]
+        if key not in self._infos:
+            self._infos[key] = inspect_file(path)
+        return self._infos[key]
+
+    def _kind(self, path: str) -> Tuple[str, str]:
+        info = self._info(path)
+        return info.kind, info.why
 
     def scan(self, ssr_root: str, clip_roots: Sequence[Tuple[str, str]]) -> ModelListing:
         """ssr_root: the SSR folder; clip_roots: (label, folder) pairs, searched in order."""
-        listing = ModelListing(folders={"ssr": [ssr_root], "clip": [r for _, r in clip_roots]})
+        listing = ModelListing(folders={"ssr": [ssr_root], "clip": [r for _, r in clip_roots]},
+                               roots=[(os.path.basename(os.path.normpath(ssr_root)), ssr_root)] + list(clip_roots))
         roots = [("ssr", "", ssr_root)] + [("clip", label, root) for label, root in clip_roots]
         seen: Set[str] = set()
+        ignored: Dict[str, str] = {}
         for wanted, label, root in roots:
             if not os.path.isdir(root):
                 continue
@@ -217,35 +263,79 @@ class ModelFinder:
                 if hf is not None:
                     if wanted == "clip" and folder not in seen:
                         seen.add(folder)
+                        info = self._info(hf)
+                        if info.kind != "clip":
+                            ignored.setdefault(hf, info.why if info.kind == "unknown" else "not CLIP vision weights")
+                            continue
                         name = f"{label}/{_rel(folder, root)}" if folder != root else f"{label}/{os.path.basename(root)}"
                         listing.clip.append(ModelFile(name, folder, "clip", (hf,)))
                     continue
-                self._scan_files(listing, wanted, label, root, folder, files, seen)
+                self._scan_files(listing, ignored, wanted, label, root, folder, files, seen)
         listing.ssr.sort(key=lambda m: m.name.lower())
+        listing.ignored = list(ignored.items())
         return listing
 
-    def _scan_files(self, listing, wanted, label, root, folder, files, seen):
+    def _partner(self, folder: str, name: str, present: Set[str]) -> Optional[str]:
+        """The layer-weights file beside an aligner file: its pair partner's name, else any
+        known layer-weights name in the folder."""
+        exact = [b for a, b in SSR_PAIRS if a == name and b in present]
+        other = [b for _, b in SSR_PAIRS if b in present and b != name]
+        found = (exact or other or [None])[0]
+        return os.path.join(folder, found) if found else None
+
+    def _scan_files(self, listing, ignored, wanted, label, root, folder, files, seen):
         present = set(files)
+        aligners_here = [n for n in files if n.lower().endswith(WEIGHT_SUFFIXES) and
+                         self._safe_kind(os.path.join(folder, n)) == "ssr-aligner"]
         for name in files:
             path = os.path.join(folder, name)
             if not name.lower().endswith(WEIGHT_SUFFIXES) or not os.path.isfile(path) or path in seen:
                 continue
-            if name.lower() in NOT_VIT_L:
-                continue
-            kind, why = self._kind(path)
-            if wanted == "ssr" and kind in ("ssr", "ssr-aligner"):
-                seen.add(path)
-                partner = next((os.path.join(folder, b) for a, b in SSR_PAIRS if a == name and b in present), None)
-                members = (path,) if kind == "ssr" else ((path, partner) if partner else (path,))
-                listing.ssr.append(ModelFile(_rel(path, root), path, "ssr", members))
-            elif wanted == "clip" and kind == "clip":
+            info = self._info(path)
+            if info.kind == "unknown":
+                ignored.setdefault(path, info.why)
+            elif wanted == "clip" and info.kind == "clip":
                 seen.add(path)
                 listing.clip.append(ModelFile(f"{label}/{_rel(path, root)}", path, "clip", (path,)))
-            elif kind == "unknown" and wanted == "ssr":
-                listing.ignored.append((path, why))
-            elif kind == "ssr-layers" and wanted == "ssr" and not any(b == name and a in present for a, b in SSR_PAIRS):
-                listing.ignored.append((path, "SSR layer weights without their aligner file beside them "
-                                              "(expected pytorch_model.bin or ssr_aligner.safetensors)"))
+            elif wanted == "ssr" and info.kind == "ssr":
+                seen.add(path)
+                listing.ssr.append(ModelFile(_rel(path, root), path, "ssr", (path,)))
+            elif wanted == "ssr" and info.kind == "ssr-aligner":
+                seen.add(path)
+                partner = self._partner(folder, name, present)
+                why = self._pair_problem(path, info, partner)
+                if why:
+                    ignored.setdefault(path, why)
+                else:
+                    listing.ssr.append(ModelFile(_rel(path, root), path, "ssr", (path, partner)))
+            elif wanted == "ssr" and info.kind == "ssr-layers" and not aligners_here:
+                if any(b == name and a in present for a, b in SSR_PAIRS):
+                    a = next(a for a, b in SSR_PAIRS if b == name)
+                    why = f"its aligner file {a} beside it cannot be used (see that file)"
+                else:
+                    why = ("SSR layer weights without their aligner file beside them "
+                           "(expected pytorch_model.bin or ssr_aligner.safetensors)")
+                ignored.setdefault(path, why)
+
+    def _safe_kind(self, path: str) -> str:
+        try:
+            return self._info(path).kind if os.path.isfile(path) else "missing"
+        except OSError:
+            return "missing"
+
+    def _pair_problem(self, path: str, info: FileInfo, partner: Optional[str]) -> Optional[str]:
+        if partner is None:
+            return ("SSR aligner weights without their layer weights beside them "
+                    "(expected pytorch_model_1.bin or ssr_attentions.safetensors)")
+        other = self._info(partner)
+        partner_name = os.path.basename(partner)
+        if other.kind == "unknown":
+            return f"its layer weights {partner_name}: {other.why}"
+        if other.kind != "ssr-layers":
+            return f"{partner_name} beside it is not SSR layer weights"
+        if info.context_dim is not None and other.context_dim is not None:
+            return pair_mismatch(info.context_dim, other.context_dim, os.path.basename(path), partner_name)
+        return None
 
 
 def content_hash(files: Sequence[str], length: int = 8) -> str:

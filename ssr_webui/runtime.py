@@ -17,6 +17,7 @@ import hashlib
 import os
 import sys
 import threading
+import time
 import traceback
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -31,7 +32,7 @@ from ssr.query_encoder import encode_query_tokens, hf_query_tokens
 from . import infotext, settings
 from .model_files import ModelFile, ModelFinder, ModelListing, content_hash
 from .request import ArgumentError, SubjectRequest, parse_script_args
-from .session import GenerationSession, remove_from_unet
+from .session import GenerationSession, remove_from_unet, sampling_passes, window_not_applied_reason
 
 SESSION_ATTR = "ssr_encoder_session"  # on the processing object
 ERRORS_ATTR = "ssr_encoder_errors"
@@ -95,6 +96,63 @@ def _placement_device():
     if placement == settings.PLACE_CPU or device.type == "cpu" or getattr(shared.cmd_opts, "lowvram", False):
         return torch.device("cpu"), False
     return device, placement != settings.PLACE_GPU
+
+
+# ----------------------------------------------------------------------------- WebUI state (guarded)
+
+def _webui_state():
+    """The WebUI's ``shared.state`` (its ``textinfo`` is the progress text the UI shows), or
+    None outside the WebUI."""
+    try:
+        from modules import shared
+    except Exception:  # noqa: BLE001 - not in the WebUI
+        return None
+    return getattr(shared, "state", None)
+
+
+def _second_order(sampler_name: Optional[str]) -> bool:
+    """Whether the WebUI's sampler calls the model twice a step (its ``second_order`` option)."""
+    try:
+        from modules import sd_samplers
+
+        config = sd_samplers.find_sampler_config(sampler_name)
+        return bool(config is not None and config.options.get("second_order", False))
+    except Exception:  # noqa: BLE001 - unknown sampler or not in the WebUI: one call a step
+        return False
+
+
+def _img2img_fix_steps() -> bool:
+    try:
+        from modules import shared
+
+        return bool(getattr(shared.opts, "img2img_fix_steps", False))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@contextlib.contextmanager
+def announce_loading(what: str):
+    """Loading CLIP vision or SSR weights takes seconds the first time: say so on the console
+    and in the UI's progress text (restored afterwards), and how long it took."""
+    print(f"{LOG_PREFIX} loading {what} (first use; later runs reuse it)", flush=True)
+    state = _webui_state()
+    previous = getattr(state, "textinfo", None)
+    if state is not None:
+        try:
+            state.textinfo = f"SSR-Encoder: loading {what} (first use)..."
+        except Exception:  # noqa: BLE001 - a state object without the attribute
+            state = None
+    started = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        print(f"{LOG_PREFIX} loading {what} failed after {time.perf_counter() - started:.1f} s", flush=True)
+        raise
+    else:
+        print(f"{LOG_PREFIX} {what} loaded in {time.perf_counter() - started:.1f} s", flush=True)
+    finally:
+        if state is not None:
+            state.textinfo = previous
 
 
 # ----------------------------------------------------------------------------- the runtime
@@ -162,7 +220,8 @@ class SSRRuntime:
         weights = self._ssr.get(key)
         if weights is None:
             source = list(model.files) if len(model.files) == 2 else model.path
-            weights = ssr.load_ssr_weights(source, expect_family=None).eval()
+            with announce_loading(f"SSR weights {model.name}"):
+                weights = ssr.load_ssr_weights(source, expect_family=None).eval()
             weights.requires_grad_(False)
             self._ssr.put(key, weights)
         return weights
@@ -172,7 +231,8 @@ class SSRRuntime:
         encoder = self._clip.get(key)
         if encoder is None:
             self._clip.put(key, None)  # evict the previous CLIP before loading another (RAM)
-            encoder = ssr.load_clip_image_encoder(model.path, expect_width=width)
+            with announce_loading(f"CLIP vision {model.name}"):
+                encoder = ssr.load_clip_image_encoder(model.path, expect_width=width)
             self._clip.put(key, encoder)
         return encoder
 
@@ -241,7 +301,11 @@ class SSRRuntime:
             return embedder.encode(list(subjects))
 
     # ------------------------------------------------------------------ reporting
-    def report(self, p, message: str, applied: bool = False, exc: Optional[BaseException] = None) -> None:
+    def report(self, p, message: str, applied: bool = False, exc: Optional[BaseException] = None,
+               notice: bool = False) -> None:
+        """An error (or, with ``notice``, a reason for not applying that is no error: the SSR
+        keys stay in the infotext and no "SSR error" is written) reaches the console, the
+        generation's comments and infotext, and the UI as a toast."""
         text = f"SSR-Encoder {'stopped' if applied else 'was not applied'}: {message}"
         print(f"{LOG_PREFIX} {text}", file=sys.stderr)
         if exc is not None and not isinstance(exc, (ArgumentError, ModelMismatch, ssr.WeightFileError,
@@ -257,10 +321,11 @@ class SSRRuntime:
         if hasattr(p, "comment"):
             p.comment(text)
         params = p.extra_generation_params
-        if not applied:
-            for key in [k for k in params if infotext.is_ssr_key(k)]:
-                del params[key]
-        params[infotext.ERROR] = message if len(message) <= 500 else message[:497] + "..."
+        if not notice:
+            if not applied:
+                for key in [k for k in params if infotext.is_ssr_key(k)]:
+                    del params[key]
+            params[infotext.ERROR] = message if len(message) <= 500 else message[:497] + "..."
         if not getattr(p, "is_api", False):
             try:
                 import gradio as gr
@@ -278,6 +343,16 @@ class SSRRuntime:
         if unet is not None and remove_from_unet(unet):
             print(f"{LOG_PREFIX} removed subject attention left over from an interrupted generation", file=sys.stderr)
 
+    @staticmethod
+    def not_applied_reason(p, request) -> Optional[str]:
+        """Why an enabled, valid request would change nothing, decided before sampling: every
+        subject's weight is 0, or the start/end window holds no step of any sampling pass
+        (from ``p.steps``, the hires pass's steps, the sampler and the img2img strength)."""
+        if all(s.weight == 0 for s in request.subjects):
+            return "every subject's weight is 0"
+        passes = sampling_passes(p, _second_order, _img2img_fix_steps())
+        return window_not_applied_reason(request.start, request.end, passes)
+
     def start_generation(self, p, args: Sequence) -> Optional[GenerationSession]:
         """``Script.process``: validate, load and check everything before anything is applied."""
         self.clear_stale(p)
@@ -290,6 +365,12 @@ class SSRRuntime:
                 listing = self.list_models()
                 ssr_file = self.resolve(listing, "ssr", request.model, request.field_name("model"))
                 clip_file = self.resolve(listing, "clip", request.clip_model, request.field_name("clip_model"))
+                reason = self.not_applied_reason(p, request)
+                if reason is not None:  # nothing to load or install
+                    p.extra_generation_params.update(
+                        infotext.generation_params(request, ssr_file.name, None, clip_file.name, not_applied=reason))
+                    self.report(p, reason, notice=True)
+                    return None
                 weights = self.ssr_weights(ssr_file)
                 self.check_sd_model(p.sd_model, weights)  # before loading CLIP: fail fast
                 embedder = self.embedder(ssr_file, clip_file)
@@ -319,6 +400,17 @@ class SSRRuntime:
         session = getattr(p, SESSION_ATTR, None)
         if session is not None:
             session.uninstall()
+            state = _webui_state()
+            stopped = state is not None and (getattr(state, "interrupted", False) or getattr(state, "skipped", False))
+            if session.passes and not session.steps_active and not session.failed and not session.idle_reported \
+                    and not stopped:
+                # The estimate before sampling said some step was in the window, but the sampler
+                # made fewer calls than it announced: say so rather than claim it was applied.
+                session.idle_reported = True
+                reason = (f"start/end window {session.request.start:g}-{session.request.end:g} "
+                          "covered none of the sampler's steps")
+                p.extra_generation_params[infotext.ENABLED] = infotext.not_applied_value(reason)
+                self.report(p, reason, notice=True)
 
     def finish_generation(self, p, processed) -> None:
         """``Script.postprocess``: remove everything, and make sure errors reach the result."""

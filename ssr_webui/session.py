@@ -14,7 +14,7 @@ at the start of the next generation (``SSRRuntime.clear_stale``).
 from __future__ import annotations
 
 import weakref
-from typing import Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -52,6 +52,56 @@ def step_fraction(params) -> float:
     return step / total if total else 0.0
 
 
+def steps_in_window(start: float, end: float, total: int) -> int:
+    """How many of a pass's ``total`` denoiser steps the branch is on for: step k (0-based)
+    when ``start <= k / total < end``, the test ``on_step`` applies."""
+    return sum(1 for k in range(max(0, int(total))) if start <= k / total < end)
+
+
+def denoiser_total_steps(steps: int, second_order: bool = False, denoising_strength: Optional[float] = None,
+                         fix_steps: bool = False) -> int:
+    """The denoiser's ``total_steps`` for a sampling pass (the WebUI's own count, which
+    ``step_fraction`` divides by): ``steps`` for txt2img; for img2img and the hires pass
+    (``denoising_strength`` given) ``int(min(strength, 0.999) * steps) + 1``, or ``steps``
+    with the "img2img: do exactly the amount of steps" setting (``fix_steps``); doubled for
+    second-order samplers (Heun, DPM2, DPM++ SDE, ...), which call the model twice a step."""
+    steps = int(steps)
+    if denoising_strength is not None and not fix_steps:
+        steps = int(min(float(denoising_strength), 0.999) * steps) + 1
+    return steps * (2 if second_order else 1)
+
+
+def sampling_passes(p, second_order: Callable[[Optional[str]], bool] = lambda name: False,
+                    fix_steps: bool = False) -> List[Tuple[str, int, int]]:
+    """-> (label, steps as the user set them, denoiser total steps) for each sampling pass
+    of the processing object ``p``: the first pass (txt2img or img2img) and, for txt2img with
+    hires fix, the hires pass (``hr_second_pass_steps`` or the first pass's steps).
+    ``second_order(sampler_name)`` tells whether that sampler calls the model twice a step."""
+    steps = int(getattr(p, "steps", 0) or 0)
+    sampler = getattr(p, "sampler_name", None)
+    img2img = hasattr(p, "init_images")
+    strength = getattr(p, "denoising_strength", None)
+    passes = [("img2img" if img2img else "first pass", steps,
+               denoiser_total_steps(steps, second_order(sampler), strength if img2img else None, fix_steps))]
+    if not img2img and getattr(p, "enable_hr", False):
+        hr_steps = int(getattr(p, "hr_second_pass_steps", 0) or 0) or steps
+        hr_sampler = getattr(p, "hr_sampler_name", None)
+        if not hr_sampler or hr_sampler == "Use same sampler":
+            hr_sampler = sampler
+        passes.append(("hires pass", hr_steps, denoiser_total_steps(
+            hr_steps, second_order(hr_sampler), 0.0 if strength is None else strength, fix_steps)))
+    return passes
+
+
+def window_not_applied_reason(start: float, end: float, passes: Sequence[Tuple[str, int, int]]) -> Optional[str]:
+    """Why the branch would act on no step at all, or None when some pass has a step in
+    [start, end). The reason has no ',' or ':' (it goes into the infotext unquoted)."""
+    if any(steps_in_window(start, end, total) for _, _, total in passes):
+        return None
+    counts = " or ".join(f"{steps}" if i == 0 else f"{steps} ({label})" for i, (label, steps, _) in enumerate(passes))
+    return f"start/end window {start:g}-{end:g} covers no sampling step of {counts}"
+
+
 class GenerationSession:
     """Holds what one generation needs: the validated request, the chosen files, the loaded
     weights and embedder. ``p`` is held weakly: when the WebUI drops it after an exception
@@ -71,6 +121,7 @@ class GenerationSession:
         self.failed: Optional[str] = None
         self.passes = 0  # sampling passes the branch was installed for
         self.steps_active = 0  # denoiser steps with the branch switched on
+        self.idle_reported = False  # "not applied: no step in the window" was reported after sampling
         self._finalizer = weakref.finalize(p, self.uninstall)
 
     @property

@@ -12,25 +12,103 @@ Errors: 422 with ``detail`` naming the field for invalid input; 409 when the loa
 checkpoint cannot take SSR weights (SDXL, SD2 ...); 500 when a weight file fails to load.
 Bodies are plain dicts (validated here), so the routes work with FastAPI on pydantic v1
 (the WebUI's pin) and v2.
+
+Security: routes added in ``on_app_started`` do not get the WebUI API's ``--api-auth``
+check by themselves (docs/webui-host-notes.md, section 4), so the same HTTP Basic check is
+added here from ``shared.cmd_opts.api_auth`` ("user:password,user2:password2"). Files and
+folders are named relative to the search folders ("ssr_encoder/...", "clip_vision/..."),
+never by absolute server paths, in results and in error messages. The preview does its
+model work under the generation lock, on input bounded like a generation's.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+import os
+import secrets
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import ssr
 
+from .model_files import ModelListing
 from .preview import heatmap_overlay, png_base64
 from .request import ArgumentError, parse_subject
 from .runtime import ModelMismatch
 
 API_VERSION = 1
 PREVIEW_FIELDS = ("image", "query", "mask", "mask_weight", "model", "clip_model")
+_FROM_WEBUI = object()
 
 
-def register(app, runtime, get_sd_model, lock_factory) -> None:
+def webui_api_auth() -> Optional[str]:
+    """The WebUI's ``--api-auth`` value, or None (not set, or not inside the WebUI)."""
+    try:
+        from modules import shared
+    except Exception:  # noqa: BLE001 - not in the WebUI
+        return None
+    return getattr(getattr(shared, "cmd_opts", None), "api_auth", None) or None
+
+
+def parse_api_auth(api_auth: str) -> Dict[str, str]:
+    """"user:password,user2:password2" -> {user: password}; a password may contain ':'."""
+    credentials = {}
+    for entry in api_auth.split(","):
+        user, sep, password = entry.strip().partition(":")
+        if sep and user:
+            credentials[user] = password
+    return credentials
+
+
+def basic_auth_dependency(api_auth: Optional[str]) -> Optional[Callable]:
+    """A FastAPI dependency that accepts only the ``api_auth`` credentials (HTTP Basic; 401
+    with ``WWW-Authenticate: Basic`` otherwise), or None when no credentials are configured."""
+    if not api_auth:
+        return None
+    from fastapi import Depends, HTTPException
+    from fastapi.security import HTTPBasic
+
+    known = [(user.encode(), password.encode()) for user, password in parse_api_auth(api_auth).items()]
+    basic = HTTPBasic()  # answers 401 + WWW-Authenticate: Basic when no credentials are sent
+
+    def check(credentials=Depends(basic)) -> bool:
+        user, password = credentials.username.encode(), credentials.password.encode()
+        accepted = False
+        for known_user, known_password in known:  # compare with every entry: timing says nothing
+            same = secrets.compare_digest(user, known_user) & secrets.compare_digest(password, known_password)
+            accepted = accepted or same
+        if not accepted:
+            raise HTTPException(status_code=401, detail="Incorrect username or password",
+                                headers={"WWW-Authenticate": "Basic"})
+        return True
+
+    return check
+
+
+def _search_roots(runtime) -> List[Tuple[str, str]]:
+    """(label, folder) of every folder the runtime searches, plus the models folder itself."""
+    roots: List[Tuple[str, str]] = []
+    try:
+        ssr_folder = runtime.ssr_folder()
+        roots.append((os.path.basename(os.path.normpath(ssr_folder)), ssr_folder))
+        roots.extend(runtime.clip_folders())
+        roots.append(("models", os.path.dirname(os.path.normpath(ssr_folder))))
+    except Exception:  # noqa: BLE001 - folders unknown: nothing to replace
+        pass
+    return roots
+
+
+def register(app, runtime, get_sd_model, lock_factory, api_auth: Any = _FROM_WEBUI) -> None:
     """Add the routes to ``app``. ``get_sd_model()`` -> the loaded model; ``lock_factory()``
-    -> a context manager serialising GPU work with generation (the WebUI's queue lock)."""
-    from fastapi import Body, HTTPException
+    -> a context manager serialising GPU work with generation (the WebUI's queue lock).
+    ``api_auth``: "user:password,..." to require, None for open routes; by default the
+    WebUI's ``--api-auth`` setting."""
+    from fastapi import Body, Depends, HTTPException
+
+    if api_auth is _FROM_WEBUI:
+        api_auth = webui_api_auth()
+    check = basic_auth_dependency(api_auth)
+    dependencies = [Depends(check)] if check is not None else None
+
+    def scrub(text: str) -> str:
+        return ModelListing(roots=_search_roots(runtime)).scrub(text)
 
     def version() -> Dict[str, Any]:
         return {"extension": "SSR-Encoder", "version": ssr.__version__, "api": API_VERSION}
@@ -40,8 +118,8 @@ def register(app, runtime, get_sd_model, lock_factory) -> None:
         return {
             "ssr_models": [{"name": m.name, "files": len(m.files)} for m in listing.ssr],
             "clip_models": [{"name": m.name} for m in listing.clip],
-            "folders": listing.folders,
-            "ignored": [{"file": path, "reason": why} for path, why in listing.ignored],
+            "folders": {kind: [listing.display(f) for f in folders] for kind, folders in listing.folders.items()},
+            "ignored": [{"file": listing.display(path), "reason": listing.scrub(why)} for path, why in listing.ignored],
         }
 
     def preview(payload: Dict[str, Any] = Body(...)) -> Dict[str, Any]:
@@ -62,11 +140,11 @@ def register(app, runtime, get_sd_model, lock_factory) -> None:
                 heatmap, _, ssr_file, clip_file = runtime.preview(subject, payload.get("model"), payload.get("clip_model"),
                                                                   get_sd_model())
         except ArgumentError as e:
-            raise HTTPException(status_code=422, detail=str(e)) from e
+            raise HTTPException(status_code=422, detail=scrub(str(e))) from e
         except (ModelMismatch, ssr.IncompatibleUNetError) as e:
-            raise HTTPException(status_code=409, detail=f"model: {e}") from e
+            raise HTTPException(status_code=409, detail=scrub(f"model: {e}")) from e
         except ssr.WeightFileError as e:
-            raise HTTPException(status_code=500, detail=f"weights: {e}") from e
+            raise HTTPException(status_code=500, detail=scrub(f"weights: {e}")) from e
         grid = heatmap.shape[-1]
         return {
             "mode": subject.mode,
@@ -77,6 +155,6 @@ def register(app, runtime, get_sd_model, lock_factory) -> None:
             "clip_model": clip_file.name,
         }
 
-    app.add_api_route("/ssr/version", version, methods=["GET"])
-    app.add_api_route("/ssr/models", models, methods=["GET"])
-    app.add_api_route("/ssr/preview", preview, methods=["POST"])
+    app.add_api_route("/ssr/version", version, methods=["GET"], dependencies=dependencies)
+    app.add_api_route("/ssr/models", models, methods=["GET"], dependencies=dependencies)
+    app.add_api_route("/ssr/preview", preview, methods=["POST"], dependencies=dependencies)

@@ -145,9 +145,9 @@ def _model_name(value: Any, name: str) -> Optional[str]:
 
 # ----------------------------------------------------------------------------- images
 
-def _not_an_image(name: str, value: str, reason: str) -> ArgumentError:
+def _not_an_image(name: str, value: str, reason: str, maybe_path: bool = True) -> ArgumentError:
     hint = "; send the image file's bytes base64-encoded, optionally as a data URL (data:image/png;base64,...)"
-    if _LOOKS_LIKE_URL_OR_PATH.search(value.strip()[:300]):
+    if maybe_path and _LOOKS_LIKE_URL_OR_PATH.search(value.strip()[:300]):
         hint += "; URLs and server paths are not accepted"
     return ArgumentError(name, f"{NOT_AN_IMAGE} ({reason}){hint}")
 
@@ -193,7 +193,7 @@ def decode_base64_image(value: str, name: str) -> Image.Image:
     except ArgumentError:
         raise
     except Exception as e:  # noqa: BLE001 - PIL raises many types for undecodable data
-        raise _not_an_image(name, value, f"the {kind} data cannot be decoded: {type(e).__name__}") from e
+        raise _not_an_image(name, value, f"the {kind} data cannot be decoded: {type(e).__name__}", maybe_path=False) from e
     return ImageOps.exif_transpose(image)
 
 

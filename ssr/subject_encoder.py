@@ -1,4 +1,4 @@
-"""Token-to-patch aligner and detail-preserving subject encoder (method doc, section 4)."""
+"""Token-to-patch aligner and detail-preserving subject encoder (docs/method.md, section 4)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

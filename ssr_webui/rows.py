@@ -1,7 +1,7 @@
 """Which subject context each row of a UNet call gets, under every CFG row layout of the WebUI.
 
-Cond rows get the subjects' tokens, uncond rows the unconditional subject embedding (method
-doc, section 6). The WebUI's ``CFGDenoiser`` (webui-host.md, section 6) lays rows out as
+Cond rows get the subjects' tokens, uncond rows the unconditional subject embedding
+(docs/method.md, section 6). The WebUI's ``CFGDenoiser`` (docs/webui-host-notes.md, section 6) lays rows out as
 "all cond rows (one per image and AND sub-prompt), then one uncond row per image", but may
 split them over several UNet calls (chunks that can mix cond and uncond, a separate call for
 an uncond of another token length) or skip the uncond rows. So the decision is made per row,

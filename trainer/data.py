@@ -8,7 +8,7 @@ Two sources of (image, caption[, query]) pairs:
 * WebDataset tar shards as img2dataset writes them (``00000.tar`` holding ``key.jpg`` +
   ``key.txt`` + ``key.json``), streamed shard by shard with a shuffle buffer.
 
-Every sample gets the two views of method doc section 8, cut from the same RGB image and
+Every sample gets the two views of docs/method.md, section 8, cut from the same RGB image and
 flipped together: the SD view (bilinear resize of the shortest side to ``resolution``,
 centre crop, [-1, 1]) and the CLIP view (``ssr.image_encoder.clip_preprocess``, the
 function inference uses). Then prompt dropout (prompt -> "") and subject dropout (CLIP

@@ -1,4 +1,4 @@
-"""The embedding-consistency regulariser L_reg in its two forms (method doc, section 8).
+"""The embedding-consistency regulariser L_reg in its two forms (docs/method.md, section 8).
 
 Both compare subject embeddings with the query's text embedding z_q token by token
 (token t of each scale against query token t) as a cosine distance 1 - cos, averaged over

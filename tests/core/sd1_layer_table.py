@@ -1,4 +1,4 @@
-"""The method doc's table of SD1 attn2 layers (section 6), written independently of
+"""The table in docs/method.md of SD1 attn2 layers (section 6), written independently of
 ssr.layers so the tests can check that module against it."""
 
 ATTN2 = ".transformer_blocks.0.attn2"

@@ -1,6 +1,6 @@
 """The canonical attn2 order: official key index i -> ldm / diffusers layer names.
 
-The table (tests/core/sd1_layer_table.py) is written out from the method doc (section 6),
+The table (tests/core/sd1_layer_table.py) is written out from docs/method.md (section 6),
 independently of the constants in ssr.layers, because a wrong mapping loads silently and
 spoils every image.
 """

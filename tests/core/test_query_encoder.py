@@ -1,5 +1,5 @@
 """Query tokens (77, BOS + words + EOS, EOS padding) and z_q = last hidden state after the
-final LayerNorm (method doc, section 3)."""
+final LayerNorm (docs/method.md, section 3)."""
 from __future__ import annotations
 
 import json

@@ -1,7 +1,7 @@
 """SSR weight files (ssr.weights, ssr.convert): every format loads to the same tensors, and
 every bad file gives a WeightFileError that names the file.
 
-The official key layouts are written out here from the method doc (section 4 and 6), not
+The official key layouts are written out here from docs/method.md (sections 4 and 6), not
 taken from ssr.weights. Tiny shapes (SD1 layer structure, 768-dim context so the SD1.x
 family check applies) keep files small; one test uses the real SD1.5 shapes.
 """
@@ -144,7 +144,7 @@ def test_real_sd15_shapes(tmp_path):
     assert_holds(model, aligner, layers)
     n_enc = sum(p.numel() for p in model.encoder.parameters())
     n_att = sum(p.numel() for p in model.attention.parameters())
-    assert abs(n_enc / 1e6 - 6.4) < 0.1 and abs(n_att / 1e6 - 19.2) < 0.2  # method doc: ~6.4 M + ~19.2 M
+    assert abs(n_enc / 1e6 - 6.4) < 0.1 and abs(n_att / 1e6 - 19.2) < 0.2  # docs/method.md: ~6.4 M + ~19.2 M
 
 
 def test_convert_cli(files, tensors, tmp_path, capsys):

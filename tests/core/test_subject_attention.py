@@ -1,8 +1,8 @@
 """The subject cross-attention branch (ssr.attention) on a tiny real ldm UNetModel and a tiny
 diffusers UNet2DConditionModel, both with the SD1 layout and all parameters randomised.
 
-Reference (method doc, Eq. 4): a deep copy of the UNet whose attn2 layers (found by the
-method doc's names, not by ssr.layers) get a per-instance forward computing
+Reference (docs/method.md, section 6): a deep copy of the UNet whose attn2 layers (found by the
+names in docs/method.md, not by ssr.layers) get a per-instance forward computing
     to_out( softmax(Q K^T/sqrt(d)) V  +  scale * softmax(Q K_S^T/sqrt(d)) (w * V_S) )
 with einsum, row by row. Tolerance: 2e-5 x max|output| (fp32, different summation order);
 every test that compares against it also checks that the branch moves the output by far

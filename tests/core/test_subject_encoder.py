@@ -1,5 +1,5 @@
 """SubjectEncoder (token-to-patch aligner + per-scale values) against a straightforward einsum
-implementation of the method doc's section 4, and mask_logit_bias on hand-computed masks.
+implementation of docs/method.md, section 4, and mask_logit_bias on hand-computed masks.
 
 SubjectEncoder comparisons run in float64 (tolerance 1e-10): both sides do the same maths in
 a different order, so any larger difference is a real disagreement.
@@ -108,7 +108,7 @@ def test_default_config_is_the_released_shape():
     assert all(shapes[f"to_v.{s}.weight"] == (512, 1024) and shapes[f"to_out.{s}.weight"] == (768, 512) for s in range(6))
     assert shapes["norm.weight"] == shapes["norm.bias"] == (768,)
     assert len(shapes) == 16  # to_q, to_k, 6 to_v, 6 to_out, norm weight and bias
-    assert abs(sum(p.numel() for p in enc.parameters()) / 1e6 - 6.4) < 0.1  # ~6.4 M (method doc)
+    assert abs(sum(p.numel() for p in enc.parameters()) / 1e6 - 6.4) < 0.1  # ~6.4 M (docs/method.md, section 4)
 
 
 def test_attention_heatmap_points_at_attended_patch():

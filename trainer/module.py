@@ -58,7 +58,8 @@ class SSRTrainingModule(pl.LightningModule):
             pretrained_model: Stable Diffusion 1.x model: a single-file checkpoint in the
                 WebUI/ldm layout (.safetensors or .ckpt) or a diffusers model folder. Frozen.
             clip_vision: OpenAI CLIP ViT-L/14 vision weights: a Hugging Face folder or
-                file, an open_clip state dict or OpenAI's ViT-L-14.pt. Frozen.
+                file, an open_clip state dict, or OpenAI's ViT-L-14.pt converted once with
+                `convert.py --trust-torchscript` (TorchScript is refused: it runs code). Frozen.
             sd_config_dir: Architecture configs for a single-file checkpoint (a folder with
                 unet/, vae/, text_encoder/, scheduler/ configs, e.g. a diffusers model
                 folder). Default: the SD1.5 configs shipped in trainer/sd15. Read locally.

@@ -8,8 +8,9 @@ is installed, so they survive the WebUI's class-level attention replacements and
 sd-webui-controlnet's per-instance UNet and attn2 forwards, and removing them touches
 nothing else. ``on_step`` (from ``on_cfg_denoiser``) switches the branch on only for steps
 in [start, end). ``uninstall`` runs after every batch (``postprocess_batch``), at the end
-(``postprocess``), when the processing object is garbage-collected after an exception, and
-at the start of the next generation (``SSRRuntime.clear_stale``).
+(``postprocess``), when the WebUI closes the processing object (``p.close()``, after an
+exception too), when it is garbage-collected, and at the start of the next generation
+(``SSRRuntime.clear_stale``).
 """
 from __future__ import annotations
 
@@ -102,6 +103,27 @@ def window_not_applied_reason(start: float, end: float, passes: Sequence[Tuple[s
     return f"start/end window {start:g}-{end:g} covers no sampling step of {counts}"
 
 
+def uninstall_on_close(p, uninstall: Callable[[], None]) -> None:
+    """Make ``p.close()`` (this instance's only) call ``uninstall`` first. The WebUI closes
+    every generation's processing object when it ends, by an exception too (``with
+    closing(p)`` around txt2img, img2img and the API's generations), while ``p`` itself lives
+    on in reference cycles (the exception's traceback holds the sampling frames) until the
+    garbage collector runs: without this the subject attention would stay on the UNet until
+    then, or until the next generation."""
+    close = getattr(p, "close", None)
+    if not callable(close):
+        return
+
+    def close_and_uninstall(*args, **kwargs):
+        try:
+            uninstall()
+        finally:
+            result = close(*args, **kwargs)
+        return result
+
+    p.close = close_and_uninstall
+
+
 class GenerationSession:
     """Holds what one generation needs: the validated request, the chosen files, the loaded
     weights and embedder. ``p`` is held weakly: when the WebUI drops it after an exception
@@ -123,6 +145,7 @@ class GenerationSession:
         self.steps_active = 0  # denoiser steps with the branch switched on
         self.idle_reported = False  # "not applied: no step in the window" was reported after sampling
         self._finalizer = weakref.finalize(p, self.uninstall)
+        uninstall_on_close(p, self.uninstall)
 
     @property
     def p(self):

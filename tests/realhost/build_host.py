@@ -17,6 +17,9 @@ holds the hash of the inputs):
               each test session gets its own --data-dir, see ``make_data_dir``)
     models/   tiny random-initialised models of the real architectures and file formats
               (written by make_models.py inside the venv)
+    browser/  a separate venv (this Python 3) with selenium, for the browser test: selenium
+              in the WebUI's venv would upgrade h11 past its httpcore pin. The browser itself
+              is Debian's ``chromium`` + ``chromium-driver`` (apt; .ci/run installs them).
 
 The bundles come from ``../shared/hosts`` (``$SSR_HOSTS_DIR`` overrides).
 """
@@ -52,6 +55,7 @@ CONTROLNET_DEPS = ["opencv-python==4.9.0.80", "timm==0.9.5", "pydantic==1.10.17"
                    "opencv-python-headless==4.9.0.80"]
 CONTROLNET_NO_DEPS = ["mediapipe==0.10.14"]
 TEST_TOOLS = ["pytest", "webuiapi==0.9.17"]
+BROWSER_TOOLS = ["selenium==4.51.0"]  # own venv, see browser_part (4.52.0 needs a certifi newer than the registry has)
 
 
 def log(msg: str) -> None:
@@ -218,6 +222,19 @@ def build_models(part: Part, venv: Part, webui: Part) -> None:
     part.done()
 
 
+def browser_part() -> Part:
+    version = "%d.%d.%d" % sys.version_info[:3]
+    return Part("browser", digest("browser-v1", os.path.realpath(sys.executable), version, BROWSER_TOOLS))
+
+
+def build_browser(part: Part) -> None:
+    part.begin()
+    log(f"creating the browser driver's venv (selenium, Python {sys.version.split()[0]}) in {part.path}")
+    subprocess.run([sys.executable, "-m", "venv", part.path], check=True)
+    pip(part.path, *BROWSER_TOOLS)
+    part.done()
+
+
 def build(check_only: bool = False) -> dict:
     os.makedirs(CACHE, exist_ok=True)
     t0 = time.time()
@@ -236,8 +253,14 @@ def build(check_only: bool = False) -> dict:
         if check_only:
             raise SystemExit(1)
         build_models(models, venv, webui)
+    browser = browser_part()
+    if not browser.current():
+        if check_only:
+            raise SystemExit(1)
+        build_browser(browser)
     info = {"cache": CACHE, "webui": webui.path, "python": os.path.join(venv.path, "bin", "python"),
-            "models": models.path, "controlnet": os.path.join(webui.path, "_bundled_extensions", "sd-webui-controlnet")}
+            "models": models.path, "controlnet": os.path.join(webui.path, "_bundled_extensions", "sd-webui-controlnet"),
+            "browser_python": os.path.join(browser.path, "bin", "python")}
     with open(os.path.join(CACHE, "host.json"), "w") as f:
         json.dump(info, f, indent=1)
     log(f"ready in {time.time() - t0:.0f} s: {json.dumps(info)}")

@@ -8,7 +8,7 @@ Modules, one concern each:
 - ``clip_checkpoints``: CLIP vision weights from HF / open_clip files (OpenAI's TorchScript after conversion)
 - ``query_encoder``: query text -> 77 tokens -> SD text encoder hidden states
 - ``subject_encoder``: token-to-patch aligner + subject encoder (462 tokens per subject)
-- ``layers``: the canonical attn2 order of the released weights
+- ``layers``: the canonical attn2 order of the released weights, SD1 widths, model families by context width
 - ``attention``: the subject cross-attention branch, installed with hooks
 - ``weights``: SSR weight files (official pair, safetensors pair, our single file)
 - ``subjects``: user subjects -> cached subject/unconditional contexts

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import find_cross_attention_layers
+from .layers import family_label, find_cross_attention_layers
 
 Rows = Optional[Union[Sequence[Optional[int]], Callable[[int], Sequence[Optional[int]]]]]
 
@@ -59,15 +59,14 @@ class IncompatibleUNetError(ValueError):
 
 def check_compatible(layers: Sequence[Tuple[str, nn.Module]], weights: SubjectAttentionWeights) -> None:
     """Raise IncompatibleUNetError naming what differs and the likely model family."""
-    families = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
     if not layers:
         raise IncompatibleUNetError("no cross-attention (attn2) layers found in this UNet")
     ctx = layers[0][1].to_k.in_features
     if ctx != weights.context_dim:
         raise IncompatibleUNetError(
-            f"the loaded model's cross-attention context is {ctx}-dim ({families.get(ctx, 'unknown family')}), "
+            f"the loaded model's cross-attention context is {ctx}-dim ({family_label(ctx)}), "
             f"but the SSR weights are for a {weights.context_dim}-dim context "
-            f"({families.get(weights.context_dim, 'unknown family')}); load an SD1.x checkpoint")
+            f"({family_label(weights.context_dim)}); load an SD1.x checkpoint")
     if len(layers) != len(weights):
         raise IncompatibleUNetError(
             f"the UNet has {len(layers)} cross-attention layers, the SSR weights have {len(weights)}")

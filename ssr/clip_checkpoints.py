@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, Optional, Tuple
+from typing import Collection, Dict, Optional, Tuple
 
 import torch
 
 from .files import WeightFileError, read_state_dict
 from .image_encoder import ClipImageEncoder, VisionConfig
 
-_HF_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
+HF_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")  # a Hugging Face model folder's weight file
 _HF_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
 
 
@@ -30,13 +30,14 @@ def _strip(sd: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def detect_clip_layout(sd: Dict[str, torch.Tensor]) -> Tuple[str, str]:
-    """-> (layout, prefix): layout "hf" or "open_clip", prefix to strip from the keys."""
+def detect_clip_layout(keys: Collection[str]) -> Tuple[str, str]:
+    """``keys``: a state dict or its tensor names -> (layout, prefix): layout "hf",
+    "open_clip" or "unknown", prefix to strip from the keys."""
     for prefix in ("vision_model.", "model.vision_model.", ""):
-        if prefix + "embeddings.patch_embedding.weight" in sd:
+        if prefix + "embeddings.patch_embedding.weight" in keys:
             return "hf", prefix
     for prefix in ("visual.", "model.visual.", ""):
-        if prefix + "conv1.weight" in sd:
+        if prefix + "conv1.weight" in keys:
             return "open_clip", prefix
     return "unknown", ""
 
@@ -90,14 +91,19 @@ def _read_hf_heads(config_path: str) -> Optional[int]:
     return cfg.get("num_attention_heads")
 
 
+def hf_weight_file(folder: str) -> Optional[str]:
+    """The weight file of a Hugging Face model folder (``HF_WEIGHT_NAMES``, in that order), or None."""
+    return next((os.path.join(folder, n) for n in HF_WEIGHT_NAMES if os.path.isfile(os.path.join(folder, n))), None)
+
+
 def resolve_clip_path(path: str) -> Tuple[str, Optional[str]]:
     """A file or a Hugging Face folder -> (weight file, config.json or None)."""
     if os.path.isdir(path):
-        for name in _HF_WEIGHT_NAMES:
-            if os.path.isfile(os.path.join(path, name)):
-                config = os.path.join(path, "config.json")
-                return os.path.join(path, name), config if os.path.isfile(config) else None
-        raise WeightFileError(f"{path}: folder has none of {', '.join(_HF_WEIGHT_NAMES)}")
+        weights = hf_weight_file(path)
+        if weights is None:
+            raise WeightFileError(f"{path}: folder has none of {', '.join(HF_WEIGHT_NAMES)}")
+        config = os.path.join(path, "config.json")
+        return weights, config if os.path.isfile(config) else None
     return path, None
 
 

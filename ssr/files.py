@@ -43,6 +43,14 @@ def _check_exists(path: str) -> None:
 
 # ----------------------------------------------------------------------------- safetensors
 
+def is_safetensors(path: str) -> bool:
+    """Whether the file's bytes start as a safetensors file does: an 8-byte little-endian
+    header length, then the JSON header's opening brace (torch files are zips or pickles)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
 def read_safetensors_header(path: str) -> Dict[str, Any]:
     """The JSON header of a safetensors file (tensor entries and ``__metadata__``), checked
     against the file's size, so a truncated download is found without reading the data."""
@@ -149,9 +157,15 @@ def read_torch_checkpoint(path: str) -> Dict[str, torch.Tensor]:
             f"{path}: the WebUI's safe loader refused this pickle file (it contains objects other than tensors); "
             f"convert it to .safetensors with `{CONVERT_COMMAND} \"{path}\" -o <name>.safetensors` "
             "or download the safetensors version")
+    return _state_dict_of(obj, path, torch.Tensor)
+
+
+def _state_dict_of(obj: Any, path: str, tensor_type: type) -> Dict[str, Any]:
+    """The state dict a torch file holds (a ``{"state_dict": ...}`` wrapper unwrapped), whose
+    values must all be ``tensor_type``; else a WeightFileError naming the file."""
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(isinstance(v, tensor_type) for v in obj.values()):
         raise WeightFileError(f"{path}: expected a dict of tensors (a state dict), got {type(obj).__name__}")
     return obj
 
@@ -224,14 +238,6 @@ class _HeaderUnpickler(pickle.Unpickler):
         return _StorageRef(pid[2], pid[1].itemsize, pid[4])
 
 
-def _tensor_stubs(obj: Any, path: str) -> Dict[str, _TensorStub]:
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, _TensorStub) for v in obj.values()):
-        raise WeightFileError(f"{path}: expected a dict of tensors (a state dict), got {type(obj).__name__}")
-    return obj
-
-
 def _zip_headers(path: str) -> Dict[str, Tuple[int, ...]]:
     with zipfile.ZipFile(path) as z:
         infos = {i.filename: i for i in z.infolist()}
@@ -242,7 +248,7 @@ def _zip_headers(path: str) -> Dict[str, Tuple[int, ...]]:
             raise WeightFileError(f"{path}: its pickle record is larger than 64 MiB; not a plain state dict")
         prefix = record[0][: -len("data.pkl")]
         try:
-            stubs = _tensor_stubs(_HeaderUnpickler(z.open(record[0])).load(), path)
+            stubs = _state_dict_of(_HeaderUnpickler(z.open(record[0])).load(), path, _TensorStub)
         except WeightFileError:
             raise
         except Exception as e:  # noqa: BLE001 - refused global, damaged record
@@ -274,7 +280,7 @@ def _legacy_headers(path: str) -> Dict[str, Tuple[int, ...]]:
                 return ref
 
             unpickler.persistent_load = persistent_load
-            stubs = _tensor_stubs(unpickler.load(), path)
+            stubs = _state_dict_of(unpickler.load(), path, _TensorStub)
             keys = _HeaderUnpickler(f).load()
             start = f.tell()
         except WeightFileError:
@@ -295,9 +301,7 @@ def read_tensor_headers(path: str) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str
     describes is present (truncated files), and refuses TorchScript and non-tensor pickles
     with a WeightFileError, like the loaders."""
     _check_exists(path)
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) == 9 and head[8:9] == b"{":
+    if is_safetensors(path):
         header = read_safetensors_header(path)
         metadata = dict(header.pop("__metadata__", None) or {})
         return {k: tuple(v.get("shape", ())) for k, v in header.items() if isinstance(v, dict)}, metadata
@@ -308,8 +312,9 @@ def read_tensor_headers(path: str) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str
             return _zip_headers(path), {}
         except (zipfile.BadZipFile, OSError, EOFError) as e:
             raise WeightFileError(f"{path}: damaged zip file ({e}); re-download it") from e
-    if head[:2] == b"PK":
-        raise WeightFileError(f"{path}: damaged or truncated zip file (no zip directory at its end); re-download it")
+    with open(path, "rb") as f:
+        if f.read(2) == b"PK":
+            raise WeightFileError(f"{path}: damaged or truncated zip file (no zip directory at its end); re-download it")
     return _legacy_headers(path), {}
 
 
@@ -318,9 +323,7 @@ def read_state_dict(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]
     file's bytes, not its name: safetensors start with a little-endian header length and a
     JSON header; torch files are zips (or legacy pickles)."""
     _check_exists(path)
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) == 9 and head[8:9] == b"{":
+    if is_safetensors(path):
         return read_safetensors(path)
     return read_torch_checkpoint(path), {}
 

@@ -6,6 +6,9 @@ diffusers' module order: down blocks, up blocks, then the mid block (diffusers r
 The ``ldm`` UNet the WebUI uses registers input_blocks, middle_block, output_blocks, so its
 middle layer must be moved to the end. Same-width layers can only be told apart by this
 order: a wrong mapping loads silently and spoils every image.
+
+Also the one table of model families by text-context width (768 SD1.x, 1024 SD2.x, 2048
+SDXL) that every family check and message uses.
 """
 from __future__ import annotations
 
@@ -26,11 +29,20 @@ SD1_DIFFUSERS_LAYERS = (
 )
 SD1_WIDTHS = (320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320, 1280)
 
+# Model family by the width of the attn2 layers' text context (the text encoder's width).
+FAMILIES = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+
 # Rank of each top-level group in the canonical order (ldm names, then diffusers names).
 _GROUP_RANK = {
     "input_blocks": 0, "output_blocks": 1, "middle_block": 2,
     "down_blocks": 0, "up_blocks": 1, "mid_block": 2,
 }
+
+
+def family_label(context_dim: int, unknown: str = "unknown family") -> str:
+    """"SD1.x", "SD2.x" or "SDXL" for a text-context width; ``unknown`` for any other width."""
+    return FAMILY_LABELS.get(FAMILIES.get(int(context_dim), ""), unknown)
 
 
 def official_index(position: int) -> int:

@@ -19,17 +19,19 @@ import torch
 from torch import nn
 
 from .attention import SubjectAttentionWeights
-from .files import WeightFileError, file_sha256, read_state_dict
-from .layers import canonical_position, official_index
+from .files import WeightFileError, read_state_dict
+from .layers import FAMILIES, FAMILY_LABELS, SD1_WIDTHS, canonical_position, family_label, official_index
 from .subject_encoder import SubjectEncoder, SubjectEncoderConfig
 
 FORMAT_NAME = "ssr-encoder"
 FORMAT_VERSION = "1"
 DEFAULT_HEADS = 8  # the aligner's head count; not recoverable from the weights
-FAMILIES = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
-_OFFICIAL_LAYER = re.compile(r"^(\d+)\.to_([kv])_SSR\.weight$")
-_PAIR_NAMES = (("pytorch_model.bin", "pytorch_model_1.bin"), ("ssr_aligner.safetensors", "ssr_attentions.safetensors"))
+# A layer tensor of the official / re-exported layer-weights file: official index i, k or v.
+OFFICIAL_LAYER_KEY = re.compile(r"^(\d+)\.to_([kv])_SSR\.weight$")
+# The file names of the two-file releases, (aligner, layer weights): official, safetensors re-export.
+PAIR_NAMES = (("pytorch_model.bin", "pytorch_model_1.bin"), ("ssr_aligner.safetensors", "ssr_attentions.safetensors"))
+ALIGNER_NAMES = tuple(aligner for aligner, _ in PAIR_NAMES)
+LAYER_NAMES = tuple(layers for _, layers in PAIR_NAMES)
 
 
 class SSRWeights(nn.Module):
@@ -37,7 +39,7 @@ class SSRWeights(nn.Module):
     ``attention`` (K_S/V_S per attn2 layer, canonical order). ``metadata`` travels with it."""
 
     def __init__(self, encoder_config: SubjectEncoderConfig = SubjectEncoderConfig(),
-                 widths: Sequence[int] = (320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320, 1280),
+                 widths: Sequence[int] = SD1_WIDTHS,
                  metadata: Optional[Dict[str, str]] = None):
         super().__init__()
         self.encoder = SubjectEncoder(encoder_config)
@@ -76,7 +78,7 @@ def _aligner_from_official(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
 def _attention_from_official(sd: Dict[str, torch.Tensor], path: str) -> Dict[str, torch.Tensor]:
     out, unexpected = {}, []
     for k, v in sd.items():
-        m = _OFFICIAL_LAYER.match(k)
+        m = OFFICIAL_LAYER_KEY.match(k)
         if not m or int(m.group(1)) % 2 == 0:
             unexpected.append(k)
             continue
@@ -86,13 +88,16 @@ def _attention_from_official(sd: Dict[str, torch.Tensor], path: str) -> Dict[str
     return out
 
 
-def _kind_of(sd: Dict[str, torch.Tensor]) -> str:
-    keys = set(sd)
+def file_kind(keys: Iterable[str]) -> str:
+    """What an SSR weight file holds, from its tensor names alone: "single" (our file: encoder
+    and attention), "layers" (the layer-weights file of a pair), "aligner" (the aligner file of
+    a pair, official or re-exported layout) or "unknown"."""
+    keys = set(keys)
     if any(k.startswith("encoder.") for k in keys) and any(k.startswith("attention.") for k in keys):
         return "single"
-    if any(_OFFICIAL_LAYER.match(k) for k in keys):
+    if any(OFFICIAL_LAYER_KEY.match(k) for k in keys):
         return "layers"
-    if "aligner.to_q.weight" in keys or "to_q.weight" in keys:
+    if "aligner.to_q.weight" in keys or {"to_q.weight", "to_k.weight", "norm.weight"} <= keys:
         return "aligner"
     return "unknown"
 
@@ -127,6 +132,13 @@ def family_problem(context_dim: int, expect_family: Optional[str] = "sd1", allow
     return f"these SSR weights are for {FAMILY_LABELS[family]}, {context_dim}-wide text context; {needed} weights are needed"
 
 
+def layer_count_problem(count: int) -> Optional[str]:
+    """Why SD1.x SSR weights with ``count`` layers cannot be used (None: they can)."""
+    if count == len(SD1_WIDTHS):
+        return None
+    return f"{count} layers; SD1.x SSR weights have {len(SD1_WIDTHS)} attn2 layers"
+
+
 def pair_mismatch(text_dim: int, context_dim: int, aligner: str, layers: str) -> Optional[str]:
     """Why an aligner and layer weights do not belong together (None: they may)."""
     if int(text_dim) == int(context_dim):
@@ -134,8 +146,8 @@ def pair_mismatch(text_dim: int, context_dim: int, aligner: str, layers: str) ->
     if aligner == layers:
         return (f"{aligner}: its aligner takes a {text_dim}-wide text context but its layer weights a "
                 f"{context_dim}-wide one; the file is damaged or not SSR-Encoder weights")
-    return (f"{aligner} (aligner, {FAMILY_LABELS.get(FAMILIES.get(int(text_dim)), str(text_dim) + '-wide')}) and "
-            f"{layers} (layer weights, {FAMILY_LABELS.get(FAMILIES.get(int(context_dim)), str(context_dim) + '-wide')}) "
+    return (f"{aligner} (aligner, {family_label(text_dim, f'{text_dim}-wide')}) and "
+            f"{layers} (layer weights, {family_label(context_dim, f'{context_dim}-wide')}) "
             "are not from the same release: they take different text-context widths")
 
 
@@ -155,8 +167,8 @@ def _build(enc: Dict[str, torch.Tensor], att: Dict[str, torch.Tensor], heads: in
         raise WeightFileError(pair_mismatch(text_dim, context_dim, *sources))
     config = _encoder_config(enc, heads, sources[0])
     widths = _widths(att, sources[1])
-    if expect_family == "sd1" and len(widths) != 16:
-        raise WeightFileError(f"{sources[1]}: {len(widths)} layers; SD1.x SSR weights have 16 attn2 layers")
+    if expect_family == "sd1" and layer_count_problem(len(widths)):
+        raise WeightFileError(f"{sources[1]}: {layer_count_problem(len(widths))}")
     model = SSRWeights(config, widths, metadata)
     for part, sd, module, path in (("encoder", enc, model.encoder, sources[0]), ("attention", att, model.attention, sources[1])):
         expected = module.state_dict()
@@ -176,15 +188,16 @@ def _build(enc: Dict[str, torch.Tensor], att: Dict[str, torch.Tensor], heads: in
 # ------------------------------------------------------------------------ public API
 
 def find_partner(path: str, kind: str) -> Optional[str]:
-    """For one file of a pair, the other file in the same folder (by the known names)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    for aligner, layers in _PAIR_NAMES:
-        candidate = layers if kind == "aligner" else aligner
-        here = os.path.basename(path)
-        if here in (aligner, layers) and os.path.isfile(os.path.join(folder, candidate)):
-            return os.path.join(folder, candidate)
-    for aligner, layers in _PAIR_NAMES:  # any known partner name, if the file was renamed
-        candidate = os.path.join(folder, layers if kind == "aligner" else aligner)
+    """For one file of a pair (``kind`` "aligner" or "layers"), the other file in the same
+    folder: its partner by name, else any file there with a known name of the other half."""
+    folder = os.path.dirname(path)
+    here = os.path.basename(path)
+    pairs = [pair if kind == "aligner" else pair[::-1] for pair in PAIR_NAMES]  # (this half, the other)
+    for own, other in pairs:
+        if here == own and os.path.isfile(os.path.join(folder, other)):
+            return os.path.join(folder, other)
+    for _, other in pairs:  # any known partner name, if the file was renamed
+        candidate = os.path.join(folder, other)
         if os.path.isfile(candidate) and os.path.abspath(candidate) != os.path.abspath(path):
             return candidate
     return None
@@ -197,16 +210,17 @@ def load_ssr_weights(source: Union[str, Sequence[str]], expect_family: Optional[
     if isinstance(source, (list, tuple)):
         paths = list(source)
     elif os.path.isdir(source):
-        paths = [os.path.join(source, n) for pair in _PAIR_NAMES for n in pair if os.path.isfile(os.path.join(source, n))][:2]
+        paths = [os.path.join(source, n) for pair in PAIR_NAMES for n in pair if os.path.isfile(os.path.join(source, n))][:2]
         if len(paths) != 2:
-            raise WeightFileError(f"{source}: folder holds no SSR weight pair ({' + '.join(_PAIR_NAMES[0])} or {' + '.join(_PAIR_NAMES[1])})")
+            pairs = " or ".join(" + ".join(pair) for pair in PAIR_NAMES)
+            raise WeightFileError(f"{source}: folder holds no SSR weight pair ({pairs})")
     else:
         paths = [source]
 
     loaded = {}
     for path in paths:
         sd, meta = read_state_dict(path)
-        kind = _kind_of(sd)
+        kind = file_kind(sd)
         if kind == "unknown":
             raise WeightFileError(f"{path}: not an SSR-Encoder weight file (first keys: {sorted(sd)[:4]})")
         if kind in loaded:
@@ -215,8 +229,8 @@ def load_ssr_weights(source: Union[str, Sequence[str]], expect_family: Optional[
         if kind in ("aligner", "layers") and len(paths) == 1:
             partner = find_partner(path, kind)
             if partner is None:
-                need = "layer weights (pytorch_model_1.bin / ssr_attentions.safetensors)" if kind == "aligner" \
-                    else "aligner weights (pytorch_model.bin / ssr_aligner.safetensors)"
+                need = f"layer weights ({' / '.join(LAYER_NAMES)})" if kind == "aligner" \
+                    else f"aligner weights ({' / '.join(ALIGNER_NAMES)})"
                 raise WeightFileError(f"{path}: holds only the {kind} half of SSR weights; put its {need} beside it")
             paths.append(partner)
 
@@ -275,11 +289,3 @@ def reexport_state_dicts(model: SSRWeights) -> Tuple[Dict[str, torch.Tensor], Di
     aligner, layers = official_state_dicts(model)
     return {k.replace("aligner.processor.", "").replace("aligner.", ""): v for k, v in aligner.items()}, layers
 
-
-def short_hash(path: str, length: int = 8) -> str:
-    """First hex digits of the file's sha256 (the WebUI's convention for model hashes)."""
-    return file_sha256(path)[:length]
-
-
-def parameter_count(modules: Iterable[nn.Module]) -> int:
-    return sum(p.numel() for m in modules for p in m.parameters())

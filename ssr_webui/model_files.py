@@ -23,14 +23,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
+from ssr.clip_checkpoints import detect_clip_layout, hf_weight_file
 from ssr.files import WeightFileError, file_sha256, read_tensor_headers
-from ssr.weights import family_problem, pair_mismatch
+from ssr.layers import FAMILIES
+from ssr.weights import (ALIGNER_NAMES, LAYER_NAMES, OFFICIAL_LAYER_KEY, family_problem, file_kind, find_partner,
+                         layer_count_problem, pair_mismatch)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-SSR_PAIRS = (("pytorch_model.bin", "pytorch_model_1.bin"), ("ssr_aligner.safetensors", "ssr_attentions.safetensors"))
-HF_CLIP_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 NOT_VIT_L_WIDTHS = {1280: "ViT-H", 1664: "ViT-bigG"}  # IP-Adapter's CLIP-H / CLIP-G
-_SSR_LAYER_KEY = re.compile(r"^\d+\.to_[kv]_SSR\.weight$")
+_SSR_KINDS = {"single": "ssr", "aligner": "ssr-aligner", "layers": "ssr-layers"}  # ssr.weights.file_kind -> ours
 _MAX_DEPTH = 3
 
 
@@ -110,18 +111,14 @@ class ModelListing:
 # ----------------------------------------------------------------------------- reading keys
 
 def kind_from_keys(keys: Iterable[str]) -> str:
-    """-> "ssr" (our single file), "ssr-aligner", "ssr-layers", "clip" or "unknown"."""
+    """-> "ssr" (our single file), "ssr-aligner", "ssr-layers", "clip" or "unknown": the SSR
+    kinds as the SSR loader tells them (``ssr.weights.file_kind``), CLIP vision as the CLIP
+    loader does (``ssr.clip_checkpoints.detect_clip_layout``)."""
     keys = set(keys)
-    if any(k.startswith("encoder.") for k in keys) and any(k.startswith("attention.") for k in keys):
-        return "ssr"
-    if any(_SSR_LAYER_KEY.match(k) for k in keys):
-        return "ssr-layers"
-    if "aligner.to_q.weight" in keys or {"to_q.weight", "to_k.weight", "norm.weight"} <= keys:
-        return "ssr-aligner"
-    for k in keys:
-        if k.endswith(("embeddings.patch_embedding.weight", "visual.conv1.weight")) or k == "conv1.weight":
-            return "clip"
-    return "unknown"
+    kind = file_kind(keys)
+    if kind in _SSR_KINDS:
+        return _SSR_KINDS[kind]
+    return "clip" if detect_clip_layout(keys)[0] != "unknown" else "unknown"
 
 
 @dataclass(frozen=True)
@@ -166,11 +163,11 @@ def _shape_problem(kind: str, shapes: Dict[str, Tuple[int, ...]]) -> Tuple[Optio
             return "incomplete SSR aligner weights (no to_q tensor)", None
         return family_problem(q[1], allow_unknown=True), q[1]
     if kind == "ssr-layers":
-        k = _first(shapes, _SSR_LAYER_KEY)
-        count = len({key.split(".")[0] for key in shapes if _SSR_LAYER_KEY.match(key)})
+        k = _first(shapes, OFFICIAL_LAYER_KEY)
+        count = len({key.split(".")[0] for key in shapes if OFFICIAL_LAYER_KEY.match(key)})
         problem = family_problem(k[1], allow_unknown=True)
-        if problem is None and k[1] == 768 and count != 16:
-            problem = f"{count} layers; SD1.x SSR weights have 16"
+        if problem is None and FAMILIES.get(k[1]) == "sd1":
+            problem = layer_count_problem(count)
         return problem, k[1]
     return None, None
 
@@ -211,7 +208,7 @@ def hf_clip_folder(folder: str) -> Optional[str]:
         return None
     if not model_type.startswith("clip"):
         return None
-    return next((os.path.join(folder, n) for n in HF_CLIP_WEIGHTS if os.path.isfile(os.path.join(folder, n))), None)
+    return hf_weight_file(folder)
 
 
 # ----------------------------------------------------------------------------- listing
@@ -244,10 +241,6 @@ class ModelFinder:
             self._infos[key] = inspect_file(path)
         return self._infos[key]
 
-    def _kind(self, path: str) -> Tuple[str, str]:
-        info = self._info(path)
-        return info.kind, info.why
-
     def scan(self, ssr_root: str, clip_roots: Sequence[Tuple[str, str]]) -> ModelListing:
         """ssr_root: the SSR folder; clip_roots: (label, folder) pairs, searched in order."""
         listing = ModelListing(folders={"ssr": [ssr_root], "clip": [r for _, r in clip_roots]},
@@ -275,16 +268,7 @@ class ModelFinder:
         listing.ignored = list(ignored.items())
         return listing
 
-    def _partner(self, folder: str, name: str, present: Set[str]) -> Optional[str]:
-        """The layer-weights file beside an aligner file: its pair partner's name, else any
-        known layer-weights name in the folder."""
-        exact = [b for a, b in SSR_PAIRS if a == name and b in present]
-        other = [b for _, b in SSR_PAIRS if b in present and b != name]
-        found = (exact or other or [None])[0]
-        return os.path.join(folder, found) if found else None
-
     def _scan_files(self, listing, ignored, wanted, label, root, folder, files, seen):
-        present = set(files)
         aligners_here = [n for n in files if n.lower().endswith(WEIGHT_SUFFIXES) and
                          self._safe_kind(os.path.join(folder, n)) == "ssr-aligner"]
         for name in files:
@@ -302,19 +286,19 @@ class ModelFinder:
                 listing.ssr.append(ModelFile(_rel(path, root), path, "ssr", (path,)))
             elif wanted == "ssr" and info.kind == "ssr-aligner":
                 seen.add(path)
-                partner = self._partner(folder, name, present)
+                partner = find_partner(path, "aligner")
                 why = self._pair_problem(path, info, partner)
                 if why:
                     ignored.setdefault(path, why)
                 else:
                     listing.ssr.append(ModelFile(_rel(path, root), path, "ssr", (path, partner)))
             elif wanted == "ssr" and info.kind == "ssr-layers" and not aligners_here:
-                if any(b == name and a in present for a, b in SSR_PAIRS):
-                    a = next(a for a, b in SSR_PAIRS if b == name)
-                    why = f"its aligner file {a} beside it cannot be used (see that file)"
+                aligner = find_partner(path, "layers")
+                if aligner is not None:
+                    why = f"its aligner file {os.path.basename(aligner)} beside it cannot be used (see that file)"
                 else:
                     why = ("SSR layer weights without their aligner file beside them "
-                           "(expected pytorch_model.bin or ssr_aligner.safetensors)")
+                           f"(expected {' or '.join(ALIGNER_NAMES)})")
                 ignored.setdefault(path, why)
 
     def _safe_kind(self, path: str) -> str:
@@ -326,7 +310,7 @@ class ModelFinder:
     def _pair_problem(self, path: str, info: FileInfo, partner: Optional[str]) -> Optional[str]:
         if partner is None:
             return ("SSR aligner weights without their layer weights beside them "
-                    "(expected pytorch_model_1.bin or ssr_attentions.safetensors)")
+                    f"(expected {' or '.join(LAYER_NAMES)})")
         other = self._info(partner)
         partner_name = os.path.basename(partner)
         if other.kind == "unknown":

@@ -26,7 +26,6 @@ ENABLED = "SSR-Encoder"
 SCALE, START, END = "SSR scale", "SSR start", "SSR end"
 MODEL, MODEL_HASH, CLIP = "SSR model", "SSR model hash", "SSR CLIP"
 ERROR = "SSR error"
-GLOBAL_KEYS = [ENABLED, SCALE, START, END, MODEL, CLIP]  # in the order of the global controls
 
 
 def subject_key(slot: int, what: str) -> str:

@@ -226,14 +226,6 @@ def to_image(value: Any, name: str, kind: str = "image") -> Optional[Image.Image
         raise ArgumentError(name, f"cannot read this image ({image.mode}): {e}") from e
 
 
-def mask_array(image: Image.Image) -> np.ndarray:
-    """A mask image -> HxW float32 in [0, 1]: brightness, times alpha where there is alpha
-    (gradio's sketch layer is white strokes; API masks are white-on-black)."""
-    from ssr.image_encoder import mask_to_array
-
-    return mask_to_array(image)
-
-
 def _check_mask(mask: np.ndarray, image: Image.Image, name: str) -> None:
     h, w = mask.shape
     if abs(w / h - image.width / image.height) > 0.01 * image.width / image.height:
@@ -251,6 +243,8 @@ def parse_subject(image_value: Any, query: Any, weight: Any, mask_weight: Any, *
     "no mask drawn" (text mode). A mask sent explicitly (``explicit_mask``) must select something.
     ``prefix`` names the fields in errors: a string put before the key ("subjects[0].") or a
     function of the key (``ui_subject_field(slot)``)."""
+    from ssr.image_encoder import mask_to_array
+
     field_of = prefix if callable(prefix) else (lambda key, _prefix=prefix: f"{_prefix}{key}")
     image_field = field_of("image")
     sketch_mask = None
@@ -275,7 +269,7 @@ def parse_subject(image_value: Any, query: Any, weight: Any, mask_weight: Any, *
         mask_image = to_image(value, name, kind="mask")
         if mask_image is None:
             continue
-        candidate = mask_array(mask_image)
+        candidate = mask_to_array(mask_image, name)
         if not (candidate > 0.5).any():
             if required:
                 raise ArgumentError(name, "mask is empty (no white pixels); paint the subject white or leave the mask out")

@@ -38,7 +38,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
-from ssr.image_encoder import clip_preprocess, to_pil_rgb
+from ssr.image_encoder import clip_preprocess, clip_resize_size, to_pil_rgb
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +119,17 @@ def load_rgb_image(source: Union[str, os.PathLike, Any], what: str, max_pixels: 
 
 
 def resize_shortest_side_center_crop(image: Image.Image, size: int, resample: int) -> Image.Image:
-    """Resize so the shortest side is ``size`` (long side truncated, as torchvision does),
-    then take the centred size x size crop.
+    """Resize so the shortest side is ``size`` (long side truncated, as torchvision does:
+    ``ssr.image_encoder.clip_resize_size``), then take the centred size x size crop at
+    torchvision ``CenterCrop``'s offset (half the excess rounded, halves to even; CLIP's
+    crop rounds down instead, ``clip_crop_offsets``).
 
     Done as one resize of the crop's pre-image (PIL's ``box``), which equals resize-then-crop
     to within 1/255 but never materialises the long side: a 100:1 panorama would otherwise
     become a 51200 x 512 intermediate.
     """
     width, height = image.size
-    if width <= height:
-        new_width, new_height = size, int(size * height / width)
-    else:
-        new_width, new_height = int(size * width / height), size
+    new_width, new_height = clip_resize_size(width, height, size)
     left = int(round((new_width - size) / 2.0))
     top = int(round((new_height - size) / 2.0))
     scale_x, scale_y = new_width / width, new_height / height

@@ -22,16 +22,14 @@ model work under the generation lock, on input bounded like a generation's.
 """
 from __future__ import annotations
 
-import os
 import secrets
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import ssr
 
-from .model_files import ModelListing
 from .preview import heatmap_overlay, png_base64
 from .request import ArgumentError, parse_subject
-from .runtime import ModelMismatch
+from .runtime import ModelMismatch, scrub_paths
 
 API_VERSION = 1
 PREVIEW_FIELDS = ("image", "query", "mask", "mask_weight", "model", "clip_model")
@@ -82,19 +80,6 @@ def basic_auth_dependency(api_auth: Optional[str]) -> Optional[Callable]:
     return check
 
 
-def _search_roots(runtime) -> List[Tuple[str, str]]:
-    """(label, folder) of every folder the runtime searches, plus the models folder itself."""
-    roots: List[Tuple[str, str]] = []
-    try:
-        ssr_folder = runtime.ssr_folder()
-        roots.append((os.path.basename(os.path.normpath(ssr_folder)), ssr_folder))
-        roots.extend(runtime.clip_folders())
-        roots.append(("models", os.path.dirname(os.path.normpath(ssr_folder))))
-    except Exception:  # noqa: BLE001 - folders unknown: nothing to replace
-        pass
-    return roots
-
-
 def register(app, runtime, get_sd_model, lock_factory, api_auth: Any = _FROM_WEBUI) -> None:
     """Add the routes to ``app``. ``get_sd_model()`` -> the loaded model; ``lock_factory()``
     -> a context manager serialising GPU work with generation (the WebUI's queue lock).
@@ -106,9 +91,6 @@ def register(app, runtime, get_sd_model, lock_factory, api_auth: Any = _FROM_WEB
         api_auth = webui_api_auth()
     check = basic_auth_dependency(api_auth)
     dependencies = [Depends(check)] if check is not None else None
-
-    def scrub(text: str) -> str:
-        return ModelListing(roots=_search_roots(runtime)).scrub(text)
 
     def version() -> Dict[str, Any]:
         return {"extension": "SSR-Encoder", "version": ssr.__version__, "api": API_VERSION}
@@ -140,11 +122,11 @@ def register(app, runtime, get_sd_model, lock_factory, api_auth: Any = _FROM_WEB
                 heatmap, _, ssr_file, clip_file = runtime.preview(subject, payload.get("model"), payload.get("clip_model"),
                                                                   get_sd_model())
         except ArgumentError as e:
-            raise HTTPException(status_code=422, detail=scrub(str(e))) from e
+            raise HTTPException(status_code=422, detail=scrub_paths(runtime, str(e))) from e
         except (ModelMismatch, ssr.IncompatibleUNetError) as e:
-            raise HTTPException(status_code=409, detail=scrub(f"model: {e}")) from e
+            raise HTTPException(status_code=409, detail=scrub_paths(runtime, f"model: {e}")) from e
         except ssr.WeightFileError as e:
-            raise HTTPException(status_code=500, detail=scrub(f"weights: {e}")) from e
+            raise HTTPException(status_code=500, detail=scrub_paths(runtime, f"weights: {e}")) from e
         grid = heatmap.shape[-1]
         return {
             "mode": subject.mode,

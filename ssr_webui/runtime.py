@@ -8,7 +8,9 @@ currently sampling. ``release()`` (on script unload) drops all of it.
 Failures are made visible, because the WebUI only prints exceptions raised in script
 hooks: ``report`` puts the message into the generation's comments (shown under the images
 and returned as ``info`` by the API), into the infotext as "SSR error", on the console, and
-as a ``gr.Warning`` toast in the UI.
+as a ``gr.Warning`` toast in the UI. Messages name files and folders relative to the search
+folders ("ssr_encoder/...", "clip_vision/...", "models/..."), never by absolute server paths
+(``scrub_paths``).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 import ssr
 from ssr.cache import LRU
 from ssr.attention import check_compatible
-from ssr.layers import find_cross_attention_layers
+from ssr.layers import FAMILY_LABELS, find_cross_attention_layers
 from ssr.query_encoder import encode_query_tokens, hf_query_tokens
 
 from . import infotext, settings
@@ -48,7 +50,7 @@ class ModelMismatch(ValueError):
 def check_sd_family(sd_model) -> None:
     if sd_model is None:
         raise ModelMismatch("no Stable Diffusion checkpoint is loaded")
-    for flag, label in (("is_sdxl", "SDXL"), ("is_sd3", "SD3"), ("is_sd2", "SD2.x")):
+    for flag, label in (("is_sdxl", FAMILY_LABELS["sdxl"]), ("is_sd3", "SD3"), ("is_sd2", FAMILY_LABELS["sd2"])):
         if getattr(sd_model, flag, False):
             raise ModelMismatch(f"the loaded checkpoint is {label}, but SSR-Encoder weights are for SD1.x; "
                                 "load an SD1.5-based checkpoint")
@@ -96,6 +98,28 @@ def _placement_device():
     if placement == settings.PLACE_CPU or device.type == "cpu" or getattr(shared.cmd_opts, "lowvram", False):
         return torch.device("cpu"), False
     return device, placement != settings.PLACE_GPU
+
+
+# ----------------------------------------------------------------------------- paths users may see
+
+def search_roots(runtime) -> List[Tuple[str, str]]:
+    """(label, folder) of every folder ``runtime`` searches, then the models folder itself
+    ("models"); none when the folders are unknown (outside the WebUI)."""
+    roots: List[Tuple[str, str]] = []
+    try:
+        ssr_folder = runtime.ssr_folder()
+        roots.append((os.path.basename(os.path.normpath(ssr_folder)), ssr_folder))
+        roots.extend(runtime.clip_folders())
+        roots.append(("models", os.path.dirname(os.path.normpath(ssr_folder))))
+    except Exception:  # noqa: BLE001 - folders unknown: nothing to replace
+        pass
+    return roots
+
+
+def scrub_paths(runtime, text: str) -> str:
+    """``text`` as users may see it: every search folder's absolute path replaced by its
+    label, so files are named relative to the models folder (``ModelListing.scrub``)."""
+    return ModelListing(roots=search_roots(runtime)).scrub(text)
 
 
 # ----------------------------------------------------------------------------- WebUI state (guarded)
@@ -178,8 +202,7 @@ class SSRRuntime:
     def clip_folders() -> List[Tuple[str, str]]:
         from modules import paths
 
-        folders = [("ssr_encoder", os.path.join(paths.models_path, "ssr_encoder")),
-                   ("clip_vision", os.path.join(paths.models_path, "clip_vision"))]
+        folders = [("ssr_encoder", SSRRuntime.ssr_folder()), ("clip_vision", os.path.join(paths.models_path, "clip_vision"))]
         for root in (getattr(paths, "extensions_dir", None), getattr(paths, "extensions_builtin_dir", None)):
             if root and os.path.isdir(root):
                 for name in sorted(os.listdir(root)):
@@ -305,7 +328,9 @@ class SSRRuntime:
                notice: bool = False) -> None:
         """An error (or, with ``notice``, a reason for not applying that is no error: the SSR
         keys stay in the infotext and no "SSR error" is written) reaches the console, the
-        generation's comments and infotext, and the UI as a toast."""
+        generation's comments and infotext, and the UI as a toast; with paths relative to the
+        models folder (``scrub_paths``)."""
+        message = scrub_paths(self, message)
         text = f"SSR-Encoder {'stopped' if applied else 'was not applied'}: {message}"
         print(f"{LOG_PREFIX} {text}", file=sys.stderr)
         if exc is not None and not isinstance(exc, (ArgumentError, ModelMismatch, ssr.WeightFileError,

@@ -16,6 +16,7 @@ import gradio as gr
 from . import EXTENSION_TITLE, infotext, settings
 from .preview import heatmap_overlay
 from .request import DEFAULTS, MASK_WEIGHT_RANGE, SCALE_RANGE, WEIGHT_RANGE, ArgumentError, parse_subject, ui_subject_field
+from .runtime import scrub_paths
 
 GRADIO_MAJOR = int(gr.__version__.split(".")[0])
 
@@ -127,8 +128,8 @@ def preview_slots(runtime, model_name, clip_name, slot_values):
         try:
             with generation_lock():
                 heatmap, _, _, _ = runtime.preview(subject, model_name, clip_name, shared.sd_model)
-        except Exception as e:  # noqa: BLE001 - shown to the user
-            notes.append(f"Subject {slot + 1}: {e}")
+        except Exception as e:  # noqa: BLE001 - shown to the user, with paths relative to the models folder
+            notes.append(scrub_paths(runtime, f"Subject {slot + 1}: {e}"))
             continue
         caption = f"Subject {slot + 1}: {subject.mode} query" + (f" '{subject.query}'" if subject.query else "")
         items.append((heatmap_overlay(subject.image, heatmap, mask=subject.mask), caption))

@@ -1,6 +1,6 @@
 """The subject cross-attention branch, installed into a UNet's attn2 layers with hooks.
 
-For every attn2 layer (method doc, section 6):
+For every attn2 layer (docs/method.md, section 6):
     O = to_out( Attn(Q, K(c_t), V(c_t)) + scale * Attn(Q, K_S(c_s), V_S(c_s)) )
 with Q the layer's own query. No UNet code is changed; three hooks per layer do it:
 - a forward hook on ``to_q`` keeps the query the layer computed (no second projection);

@@ -4,7 +4,7 @@
 caches the results by content (image bytes, query, mask, weights) and builds the two
 contexts the attention handle needs: the subjects' tokens and the unconditional tokens.
 
-Several subjects (method doc, section 7): each is encoded separately (462 tokens) and the
+Several subjects (docs/method.md, section 7): each is encoded separately (462 tokens) and the
 contexts are concatenated, so one softmax runs over all subjects' tokens. A subject's
 ``weight`` multiplies its tokens' *values*: its share of the branch output is scaled by the
 weight while the attention distribution stays as trained (1 is the reference behaviour).

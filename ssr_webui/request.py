@@ -1,6 +1,6 @@
 """Script arguments -> a validated ``SSRRequest``, with errors that name the field.
 
-Two argument forms reach the script (webui-host.md, section 4):
+Two argument forms reach the script (docs/webui-host-notes.md, sections 3 and 4):
 - positional, as the UI sends them (and API callers who copy that list):
   ``[enabled, scale, start, end, model, clip_model, (image, query, weight, mask_weight) x slots]``;
   ``image`` is what ``gr.Image(tool="sketch")`` returns, ``{"image": PIL, "mask": PIL}``, or a

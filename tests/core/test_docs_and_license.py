@@ -11,8 +11,6 @@ TOP_LEVEL = ("README.md", "convert.py", "install.py")
 # Documents outside the repository that older comments cited.
 FOREIGN = re.compile(r"ssr-method\.md|webui-host\.md|method doc|§|\.\./shared/docs")
 CITATION = re.compile(r"docs/(method|webui-host-notes)\.md,? \(?sections? (\d+)(?: and (\d+))?")
-# Files whose owners still have to repoint one docstring line (see issue 9, item 13).
-PENDING = {"ssr/subjects.py", "ssr/attention.py", "ssr_webui/request.py", "tests/webui/test_rows.py"}
 
 
 def _text_files():
@@ -37,7 +35,7 @@ def test_license_is_apache_2():
 def test_no_citations_of_documents_outside_the_repository():
     offenders = []
     for path in _text_files():
-        if path in PENDING or path == "tests/core/test_docs_and_license.py":
+        if path == "tests/core/test_docs_and_license.py":
             continue
         for number, line in enumerate(open(os.path.join(ROOT, path), encoding="utf-8", errors="replace"), 1):
             if FOREIGN.search(line):

@@ -1,7 +1,7 @@
-"""RowRouter on hand-built UNet calls of every CFG row layout (webui-host.md, section 6).
+"""RowRouter on hand-built UNet calls of every CFG row layout (docs/webui-host-notes.md, section 6).
 
-The stand-in's real denoiser layouts are exercised end to end in test_generation.py; here each
-layout is spelled out so a failure names the layout."""
+The real WebUI's denoiser layouts are exercised end to end in tests/realhost/test_rows.py; here
+each layout is spelled out so a failure names the layout."""
 import torch
 
 from ssr_webui.rows import SUBJECT, UNCONDITIONAL, RowRouter, controlnet_marks, rows_matching

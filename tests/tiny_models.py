@@ -162,3 +162,17 @@ def unet_inputs(batch: int, size: int = 16, context_dim: int = TINY_CONTEXT_DIM,
     t = torch.randint(1, 999, (batch,), generator=g).float()
     context = torch.randn(batch, tokens, context_dim, generator=g)
     return x, t, context
+
+
+class OpenAIClipLayout(nn.Module):
+    """OpenAI's CLIP module layout: the vision tower as ``.visual`` (open_clip key names),
+    text-tower tensors and ``logit_scale`` beside it."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.visual = visual
+        self.token_embedding = nn.Embedding(10, 16)
+        self.logit_scale = nn.Parameter(torch.tensor(4.6))
+
+    def forward(self, image):
+        return self.visual(image) * self.logit_scale.exp()

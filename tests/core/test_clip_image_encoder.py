@@ -12,12 +12,11 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 from ssr import convert
 from ssr.clip_checkpoints import load_clip_image_encoder
 from ssr.files import WeightFileError
-from tests.tiny_models import TINY_CLIP_LAYERS, tiny_hf_clip_vision
+from tests.tiny_models import TINY_CLIP_LAYERS, OpenAIClipLayout, tiny_hf_clip_vision
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # building OpenAI's TorchScript layout
 
@@ -110,17 +109,7 @@ def formats(tmp_path_factory, hf_model):
     torch.save({**oc, **text}, paths["open_clip"])
 
     # OpenAI TorchScript: a traced module whose `.visual` is the open_clip tower
-    class OpenAIClip(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.visual = visual
-            self.token_embedding = nn.Embedding(10, 16)
-            self.logit_scale = nn.Parameter(torch.tensor(4.6))
-
-        def forward(self, image):
-            return self.visual(image) * self.logit_scale.exp()
-
-    traced = torch.jit.trace(OpenAIClip().eval(), torch.zeros(1, 3, 224, 224), check_trace=False)
+    traced = torch.jit.trace(OpenAIClipLayout(visual).eval(), torch.zeros(1, 3, 224, 224), check_trace=False)
     paths["openai_torchscript"] = str(root / "ViT-tiny.pt")
     torch.jit.save(traced, paths["openai_torchscript"])
     # loaders refuse TorchScript (it runs code); the converter turns it into safetensors on request

@@ -16,23 +16,9 @@ from ssr import convert
 from ssr.clip_checkpoints import load_clip_image_encoder
 from ssr.files import WeightFileError, is_torchscript_archive, read_state_dict, read_tensor_headers
 from ssr.weights import load_ssr_weights
-from tests.tiny_models import tiny_clip_image_encoder
+from tests.tiny_models import OpenAIClipLayout, tiny_clip_image_encoder
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # building the archives
-
-
-class OpenAIClipLayout(nn.Module):
-    """OpenAI's CLIP module layout: the vision tower as ``.visual`` (open_clip key names),
-    text-tower tensors and ``logit_scale`` beside it."""
-
-    def __init__(self, visual: nn.Module):
-        super().__init__()
-        self.visual = visual
-        self.token_embedding = nn.Embedding(10, 16)
-        self.logit_scale = nn.Parameter(torch.tensor(4.6))
-
-    def forward(self, image):
-        return self.visual(image) * self.logit_scale.exp()
 
 
 @pytest.fixture(scope="module")

@@ -220,6 +220,22 @@ _GLOBALS = {
 }
 
 
+class _RefusedObject(pickle.UnpicklingError):
+    """The pickle record names a class or function that is not a tensor part."""
+
+    def __init__(self, module: str, name: str):
+        self.what = f"{module}.{name}"
+        super().__init__(f"holds a pickled {self.what}, not only tensors")
+
+
+def _refused_object_error(path: str, e: _RefusedObject) -> WeightFileError:
+    """What a pickle holding other objects is, and what to do about it."""
+    return WeightFileError(
+        f"{path}: a PyTorch pickle that holds a {e.what} object besides tensors; such files are refused, "
+        "because loading them can run code from the file. Use the .safetensors version of these weights, "
+        "or, if you trust the file, load it in Python and save only its tensors with safetensors' save_file")
+
+
 class _HeaderUnpickler(pickle.Unpickler):
     """Reads a torch pickle record into ``_TensorStub``s: only the names in ``_GLOBALS`` and
     torch's storage type names resolve, all to inert stand-ins defined here, so nothing from
@@ -230,7 +246,7 @@ class _HeaderUnpickler(pickle.Unpickler):
             return _GLOBALS[(module, name)]
         if module == "torch" and name in _ITEMSIZE:
             return _StorageType(name)
-        raise pickle.UnpicklingError(f"holds a pickled {module}.{name}, not only tensors")
+        raise _RefusedObject(module, name)
 
     def persistent_load(self, pid):
         if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage" or not isinstance(pid[1], _StorageType):
@@ -251,7 +267,9 @@ def _zip_headers(path: str) -> Dict[str, Tuple[int, ...]]:
             stubs = _state_dict_of(_HeaderUnpickler(z.open(record[0])).load(), path, _TensorStub)
         except WeightFileError:
             raise
-        except Exception as e:  # noqa: BLE001 - refused global, damaged record
+        except _RefusedObject as e:
+            raise _refused_object_error(path, e) from e
+        except Exception as e:  # noqa: BLE001 - damaged record
             raise WeightFileError(f"{path}: cannot read its tensor list ({e})") from e
     for key, stub in stubs.items():
         info = infos.get(f"{prefix}data/{stub.storage.key}")
@@ -285,6 +303,8 @@ def _legacy_headers(path: str) -> Dict[str, Tuple[int, ...]]:
             start = f.tell()
         except WeightFileError:
             raise
+        except _RefusedObject as e:
+            raise _refused_object_error(path, e) from e
         except Exception as e:  # noqa: BLE001 - anything unreadable is a bad file
             raise WeightFileError(f"{path}: not a readable PyTorch weight file ({e or type(e).__name__}); "
                                   "a truncated download, or another format") from e

@@ -283,6 +283,23 @@ def test_pickle_with_code_is_refused(tmp_path, tensors):
     assert not os.path.exists(marker), "unpickling executed code"
 
 
+def test_header_scan_says_what_a_pickle_with_objects_is_and_what_to_do(tmp_path, tensors):
+    """The model scan reads headers only; a pickled object besides tensors is named, and the
+    message says why it is refused and what to use instead, without running its code."""
+    from ssr.files import WeightFileError, read_tensor_headers
+
+    aligner, _ = tensors
+    marker = str(tmp_path / "code_ran")
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({**aligner, "payload": _RunsCode(marker)}, str(path))
+    with pytest.raises(WeightFileError) as e:
+        read_tensor_headers(str(path))
+    message = str(e.value)
+    assert message.startswith(f"{path}: ") and ("posix.mkdir" in message or "os.mkdir" in message), message
+    assert "refused" in message and ".safetensors" in message and "NoneType" not in message, message
+    assert not os.path.exists(marker), "unpickling executed code"
+
+
 def family_message(family, context_dim):
     return f"these SSR weights are for {family}, {context_dim}-wide text context; SD1.x weights are needed"
 

@@ -30,6 +30,7 @@ from ssr.cache import LRU
 from ssr.attention import check_compatible
 from ssr.layers import FAMILY_LABELS, find_cross_attention_layers
 from ssr.query_encoder import encode_query_tokens, hf_query_tokens
+from ssr.weights import PAIR_NAMES
 
 from . import infotext, settings
 from .model_files import ModelFile, ModelFinder, ModelListing, content_hash
@@ -218,7 +219,7 @@ class SSRRuntime:
         entries = listing.ssr if kind == "ssr" else listing.clip
         if not entries:
             where = ", ".join(listing.folders.get(kind, []))
-            what = "SSR-Encoder weights (ssr_*.safetensors, or pytorch_model.bin + pytorch_model_1.bin)" if kind == "ssr" \
+            what = f"SSR-Encoder weights (ssr_*.safetensors, or {' + '.join(PAIR_NAMES[0])})" if kind == "ssr" \
                 else "CLIP ViT-L/14 vision weights (a Hugging Face folder, model.safetensors, clip_vitl.pth ...)"
             raise ArgumentError(field, f"no {what} found in {where}")
         if name is None:

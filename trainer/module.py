@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ssr import load_clip_image_encoder, load_ssr_weights
+from ssr.layers import FAMILIES
 
 from .core import LatentCache, SSRTrainingCore, new_ssr_weights, vae_identity
 from .losses import DEFAULT_TAU
@@ -114,7 +115,7 @@ class SSRTrainingModule(pl.LightningModule):
         image_encoder = load_clip_image_encoder(clip_vision, expect_width=clip_expect_width)
         text_dim = sd.text_encoder.config.hidden_size
         if init_weights:
-            ssr_weights = load_ssr_weights(init_weights, expect_family="sd1" if text_dim == 768 else None)
+            ssr_weights = load_ssr_weights(init_weights, expect_family="sd1" if FAMILIES.get(text_dim) == "sd1" else None)
         else:
             ssr_weights = new_ssr_weights(sd.unet, text_dim, image_encoder.config.width, encoder_inner_dim,
                                           encoder_heads, init_kv_from_text)

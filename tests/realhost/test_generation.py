@@ -76,26 +76,32 @@ def core_subject(seed=0, query="the red thing", weight=1.0, mask=None, mask_weig
 _REFERENCE = {}
 
 
-def expectation(host, subjects, model=pl.TINY_SSR, scale=0.65, active_steps=None):
-    """The core library's subject tokens for ``subjects``, from the weight files the generation
-    used (``hostcheck.subject_reference``, with the loaded files kept for the module) and the
-    loaded checkpoint's text encoder."""
+def core_embedder(host, model=pl.TINY_SSR):
+    """The core library's ``SubjectEmbedder`` on the weight files a generation used (loaded
+    once per module, as ``hostcheck.subject_reference`` loads them) and the loaded
+    checkpoint's text encoder."""
     import ssr
     from ssr.query_encoder import encode_query_tokens, hf_query_tokens
 
-    key = model
-    if key not in _REFERENCE:
+    if model not in _REFERENCE:
         weights = ssr.load_ssr_weights(os.path.join(SSR_DIR, model))
-        _REFERENCE[key] = (weights, ssr.load_clip_image_encoder(CLIP_DIR, expect_width=weights.encoder.config.image_dim))
-    weights, clip = _REFERENCE[key]
+        _REFERENCE[model] = (weights, ssr.load_clip_image_encoder(CLIP_DIR, expect_width=weights.encoder.config.image_dim))
+    weights, clip = _REFERENCE[model]
     wrapped = host.shared.sd_model.cond_stage_model.wrapped
 
     def encode_text(texts):
         with torch.no_grad():
             return encode_query_tokens(wrapped.transformer, hf_query_tokens(wrapped.tokenizer, texts))
 
+    return ssr.SubjectEmbedder(clip, weights, encode_text)
+
+
+def expectation(host, subjects, model=pl.TINY_SSR, scale=0.65, active_steps=None):
+    """What ``hostcheck.verify`` checks the rows against: the core library's subject tokens."""
+    embedder = core_embedder(host, model)
     with torch.no_grad():
-        encoded = ssr.SubjectEmbedder(clip, weights, encode_text).encode(list(subjects))
+        encoded = embedder.encode(list(subjects))
+    weights = embedder.ssr
     return hostcheck.Expectation(encoded.tokens, encoded.value_weights, weights, scale, active_steps)
 
 
@@ -211,32 +217,53 @@ def test_img2img_checked_layer_by_layer(clean):
     assert not np.array_equal(pixels(result), plain(host, "img2img", init_images=[INIT], denoising_strength=0.6, steps=4))
 
 
-def test_inpainting_checked_layer_by_layer(clean):
+def window(start, end, totals):
+    """Recorder step numbers where the branch must act: each sampling pass has its own denoiser
+    whose ``step / total_steps`` is the fraction the window applies to; ``totals``: per pass
+    (the WebUI's total_steps of the denoiser, the number of calls it made)."""
+    active, offset = set(), 0
+    for total, calls in totals:
+        active |= {offset + k for k in range(calls) if start <= k / total < end}
+        offset += calls
+    return active
+
+
+def test_inpainting_with_a_start_window_checked_layer_by_layer(clean):
+    """Two text subjects with weights, start 0.5. img2img with 4 steps at strength 0.75: the
+    WebUI's denoiser counts t_enc + 1 = int(0.75 * 4) + 1 = 4 steps and makes as many calls
+    (fractions 0, 0.25, 0.5, 0.75): the branch acts on the last two only."""
     host = clean
     mask = pl.encode(pl.box_mask(64, 64, (0, 0, 32, 64)))
-    unit = pl.ssr_unit(subject_dict(0, weight=0.8), subject_dict(1, "the blue thing", weight=1.4), scale=0.5)
+    unit = pl.ssr_unit(subject_dict(0, weight=0.8), subject_dict(1, "the blue thing", weight=1.4), scale=0.5, start=0.5)
     payload = dict(init_images=[INIT], mask=mask, denoising_strength=0.75, inpainting_fill=1, mask_blur=0, steps=4)
     result = recorded(host, "img2img", unit, **payload)
-    verified(host, result, expectation(host, [core_subject(0, weight=0.8), core_subject(1, "the blue thing", weight=1.4)],
-                                       scale=0.5))
+    assert len(result["_recorder"].steps) == 4
+    counts = verified(host, result, expectation(host, [core_subject(0, weight=0.8), core_subject(1, "the blue thing", weight=1.4)],
+                                                scale=0.5, active_steps=window(0.5, 1.0, [(4, 4)])))
+    assert counts["plain"] > 0, counts
     out, base = pixels(result), plain(host, "img2img", **payload)
     assert not np.array_equal(out, base)
     # outside the mask the init image is kept (the WebUI pastes it back): SSR changes only the masked half
     assert np.array_equal(out[:, :, 40:], base[:, :, 40:])
 
 
-def test_hires_pass_checked_layer_by_layer(clean):
+def test_hires_pass_with_a_start_window_checked_layer_by_layer(clean):
+    """txt2img 4 steps + hires pass 4 steps at strength 0.6, start 0.5: the first pass's
+    denoiser counts 4 (calls at 0, 0.25, 0.5, 0.75), and so does the hires pass's (its 4
+    requested steps); the branch acts on the last two calls of each pass. The recorder counts
+    denoiser calls over both passes."""
     host = clean
-    hires = dict(enable_hr=True, hr_scale=2.0, hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.6,
-                 steps=2)
-    result = recorded(host, "txt2img", pl.ssr_unit(subject_dict(0)), **hires)
-    counts = verified(host, result, expectation(host, [core_subject(0)]))
+    hires = dict(enable_hr=True, hr_scale=2.0, hr_upscaler="Latent", hr_second_pass_steps=4, denoising_strength=0.6,
+                 steps=4)
+    result = recorded(host, "txt2img", pl.ssr_unit(subject_dict(0), start=0.5), **hires)
     rec = result["_recorder"]
-    first_layer = [c for c in rec.calls if c.official == 1]
-    sizes = sorted({c.x.shape[1] for c in first_layer})
-    assert len(sizes) == 2 and sizes[1] == 4 * sizes[0], f"no hires pass seen: {sizes}"
-    # the hires pass's calls were checked too (verify covers every call; make sure some are large)
-    assert any(c.x.shape[1] == sizes[1] for c in rec.calls), counts
+    assert len(rec.steps) == 8
+    active = window(0.5, 1.0, [(4, 4), (4, 4)])
+    assert active == {2, 3, 6, 7}
+    counts = verified(host, result, expectation(host, [core_subject(0)], active_steps=active))
+    assert counts["plain"] > 0, counts
+    sizes = {c.step: c.x.shape[1] for c in rec.calls if c.official == 1}
+    assert sizes[6] == 4 * sizes[0], f"no hires pass seen: {sizes}"  # 16x16 latents after 8x8
     assert pixels(result).shape[1:3] == (128, 128)
     assert not np.array_equal(pixels(result), plain(host, **hires))
 

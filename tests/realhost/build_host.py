@@ -285,12 +285,17 @@ def clone_extension(dest: str, source: str = REPO) -> str:
     return dest
 
 
-def make_data_dir(dest: str, info: dict, controlnet: bool = True) -> str:
+def make_data_dir(dest: str, info: dict, controlnet: bool = True, extension_name: str = EXTENSION_NAME) -> str:
     """A WebUI ``--data-dir``: extensions/ (this extension cloned, ControlNet copied), models/
-    (links to the cached tiny models), and a config.json with test-friendly settings."""
+    (links to the cached tiny models), ControlNet's annotator models folder (the CLIP vision
+    weights its IP-Adapter preprocessors read), and a config.json with test-friendly settings.
+
+    ``extension_name`` is the folder the extension is cloned into: the WebUI loads extension
+    scripts in the order of their folder names, so it decides whether this extension's script
+    runs before ControlNet's (e.g. ``00-ssr-encoder``) or after it (the default)."""
     ext = os.path.join(dest, "extensions")
     os.makedirs(ext, exist_ok=True)
-    clone_extension(os.path.join(ext, EXTENSION_NAME))
+    clone_extension(os.path.join(ext, extension_name))
     if controlnet:
         shutil.copytree(info["controlnet"], os.path.join(ext, "sd-webui-controlnet"), symlinks=True)
     models = os.path.join(dest, "models")
@@ -299,6 +304,14 @@ def make_data_dir(dest: str, info: dict, controlnet: bool = True) -> str:
         if entry.startswith("_"):
             continue
         os.symlink(os.path.join(info["models"], entry), os.path.join(models, entry))
+    annotator = os.path.join(dest, "annotator")  # ControlNet's preprocessor models (it may write there)
+    cached_annotator = os.path.join(info["models"], "_annotator")
+    for root, _dirs, files in os.walk(cached_annotator):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), cached_annotator)
+            os.makedirs(os.path.dirname(os.path.join(annotator, rel)), exist_ok=True)
+            os.symlink(os.path.join(cached_annotator, rel), os.path.join(annotator, rel))
+    os.makedirs(annotator, exist_ok=True)
     config = {
         "sd_model_checkpoint": "tiny_sd1.safetensors",
         "live_previews_enable": False,  # no VAE-approx download at the first step
@@ -306,6 +319,7 @@ def make_data_dir(dest: str, info: dict, controlnet: bool = True) -> str:
         "samples_save": False, "grid_save": False, "save_images_add_number": False,
         "enable_pnginfo": True, "sd_checkpoint_hash": "",
         "control_net_model_cache_size": 2,
+        "control_net_modules_path": annotator,
     }
     with open(os.path.join(dest, "config.json"), "w") as f:
         json.dump(config, f, indent=1)

@@ -32,11 +32,16 @@ _VENV = os.path.dirname(os.path.dirname(INFO["python"]))
 if os.path.realpath(sys.prefix) != os.path.realpath(_VENV):
     raise pytest.UsageError(f"the real-host tests run in the WebUI's venv: {INFO['python']} -m pytest tests/realhost")
 
+# The folder this extension is cloned into under extensions/. The WebUI loads extension scripts
+# in the order of their folder names: the default (sd-webui-ssr-encoder) runs this extension's
+# script after ControlNet's; a name sorting first (test_controlnet.py starts a second session in
+# a subprocess with SSR_REALHOST_EXTENSION_FOLDER=00-ssr-encoder) runs it before.
+EXTENSION_FOLDER = os.environ.get("SSR_REALHOST_EXTENSION_FOLDER") or build_host.EXTENSION_NAME
 DATA_DIR = tempfile.mkdtemp(prefix="ssr-realhost-")
-build_host.make_data_dir(DATA_DIR, INFO)
+build_host.make_data_dir(DATA_DIR, INFO, extension_name=EXTENSION_FOLDER)
 os.environ.update({k: v for k, v in build_host.host_env(INFO, DATA_DIR).items()
                    if k.startswith(("HF_", "TRANSFORMERS_", "TOKENIZERS_"))})
-EXTENSION_DIR = os.path.join(DATA_DIR, "extensions", build_host.EXTENSION_NAME)
+EXTENSION_DIR = os.path.join(DATA_DIR, "extensions", EXTENSION_FOLDER)
 MODELS = os.path.join(DATA_DIR, "models")
 TINY_CKPT = "tiny_sd1.safetensors"
 FULL_CKPT = "full_sd1.safetensors"

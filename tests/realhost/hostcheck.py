@@ -104,9 +104,22 @@ class AttentionRecorder:
         script_callbacks.remove_callbacks_for_function(self._callback)
 
 
+CONTROLNET_MARK = 1024.0  # sd-webui-controlnet's marker token value (+ cond, - uncond)
+
+
+def _as_layer_sees(r: torch.Tensor, context_row: torch.Tensor) -> torch.Tensor:
+    """A step's cond/uncond row as the layers see it: while a ControlNet unit is active, the
+    conds the denoiser reports carry one leading marker token (every value +-1024) that
+    ControlNet's UNet forward strips before the blocks run."""
+    if r.shape[0] == context_row.shape[0] + 1 and bool(((r[0].abs() - CONTROLNET_MARK).abs() < 1e-3).all()):
+        return r[1:]
+    return r
+
+
 def classify(context_row: torch.Tensor, conds: StepConds) -> str:
     for kind, rows in (("uncond", conds.uncond), ("cond", conds.cond)):
         for r in rows:
+            r = _as_layer_sees(r, context_row)
             if r.shape == context_row.shape and torch.equal(r, context_row):
                 return kind
     raise AssertionError("a layer saw a text context that is neither the step's cond nor its uncond")

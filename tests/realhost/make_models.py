@@ -19,6 +19,12 @@ OUT/ (each top-level folder is linked into a test session's ``models/``):
     ssr_encoder/reexport_tiny/         the safetensors pair (ssr_aligner + ssr_attentions)
     ssr_encoder/full_ssr.safetensors   our single file, widths of full_sd1
     ControlNet/control_sd15_random.safetensors   ControlNet v1 layout for full_sd1
+    ControlNet/ip-adapter_sd15_random.safetensors   IP-Adapter (ip-adapter_sd15 layout), widths of full_sd1
+    ControlNet/ip-adapter_sd15_tiny.safetensors     the same layout, widths of tiny_sd1
+    _annotator/clip_vision/clip_h.pth  CLIP ViT-H/14 vision tower + projection at full size (fp16 state
+                                       dict, ~1.3 GB), as ControlNet's ip-adapter_clip_sd15 preprocessor
+                                       loads it (torch.load of a plain state dict) from its annotator
+                                       models folder (a session links it there, see build_host.make_data_dir)
 """
 from __future__ import annotations
 
@@ -178,6 +184,48 @@ def controlnet_state_dict(unet_sd: dict, model_channels: int, seed: int) -> dict
     return {"control_model." + k: v for k, v in sd.items()}
 
 
+# --------------------------------------------------------------------------- IP-Adapter
+
+CLIP_H_EMBED = 1024  # CLIP ViT-H/14's image embedding (projection) width
+
+
+def ip_adapter_state_dict(widths, seed: int, tokens: int = 4) -> dict:
+    """ip-adapter_sd15 as a single safetensors file: ``image_proj.*`` (Linear from the CLIP
+    image embedding to ``tokens`` context tokens, then LayerNorm) and ``ip_adapter.{i}.to_k_ip`` /
+    ``to_v_ip`` (Linear(768 -> layer width), no bias) for the attn2 layers i = 1, 3, ..., 31:
+    input blocks, then output blocks, then the middle block (``widths`` in that order, which
+    is ssr.layers' canonical order too)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {
+        "image_proj.proj.weight": torch.randn(tokens * TEXT_WIDTH, CLIP_H_EMBED, generator=g) / CLIP_H_EMBED ** 0.5,
+        "image_proj.proj.bias": 0.1 * torch.randn(tokens * TEXT_WIDTH, generator=g),
+        "image_proj.norm.weight": 1.0 + 0.2 * torch.randn(TEXT_WIDTH, generator=g),
+        "image_proj.norm.bias": 0.1 * torch.randn(TEXT_WIDTH, generator=g),
+    }
+    for n, width in enumerate(widths):
+        for kind in ("to_k_ip", "to_v_ip"):
+            sd[f"ip_adapter.{2 * n + 1}.{kind}.weight"] = torch.randn(width, TEXT_WIDTH, generator=g) / TEXT_WIDTH ** 0.5
+    return sd
+
+
+def write_clip_h(path: str, seed: int) -> None:
+    """CLIP ViT-H/14 image tower with projection (transformers CLIPVisionModelWithProjection;
+    the published OpenCLIP ViT-H-14 shape: 32 layers, 1280 wide, 16 heads, MLP 5120, GELU,
+    patch 14 at 224 px, 1024-wide projection), every parameter random, saved as a plain
+    state dict in fp16."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                              image_size=224, patch_size=14, projection_dim=CLIP_H_EMBED, hidden_act="gelu",
+                              layer_norm_eps=1e-5)
+    model = CLIPVisionModelWithProjection(config)
+    tm.randomize_(model, seed)
+    sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    del model
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(sd, path)
+
+
 # --------------------------------------------------------------------------- main
 
 def main(out: str, final: str) -> None:
@@ -212,6 +260,11 @@ def main(out: str, final: str) -> None:
     os.makedirs(cn_dir, exist_ok=True)
     cn = controlnet_state_dict(full_unet, FULL_CHANNELS, seed=41)
     save_file({k: v.half().contiguous() for k, v in cn.items()}, os.path.join(cn_dir, "control_sd15_random.safetensors"))
+    del cn, full_unet
+    for name, channels, seed in (("ip-adapter_sd15_random", FULL_CHANNELS, 43), ("ip-adapter_sd15_tiny", TINY_CHANNELS, 45)):
+        ip = ip_adapter_state_dict(sd1_widths(channels), seed)
+        save_file({k: v.half().contiguous() for k, v in ip.items()}, os.path.join(cn_dir, name + ".safetensors"))
+    write_clip_h(os.path.join(out, "_annotator", "clip_vision", "clip_h.pth"), seed=47)
     print(f"models written to {out}")
 
 

@@ -17,7 +17,7 @@ import os
 import pickle
 import warnings
 import zipfile
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 
@@ -346,6 +346,38 @@ def read_state_dict(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]
     if is_safetensors(path):
         return read_safetensors(path)
     return read_torch_checkpoint(path), {}
+
+
+# ----------------------------------------------------------------------------- writing
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (``os.umask`` sets
+    and restores it, which a thread creating a file in between would see)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """``write(temporary_path)``, then give the file the mode a plain ``open`` would (0666
+    less the umask) and rename it to ``path``: no half-written file ever has the real name.
+    The mode matters because some writers (safetensors >= 0.5) create 0600 files, which
+    other users of a shared models folder or a WebUI running as another user cannot read."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def file_sha256(path: str) -> str:

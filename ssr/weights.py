@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .attention import SubjectAttentionWeights
-from .files import WeightFileError, read_state_dict
+from .files import WeightFileError, read_state_dict, write_atomically
 from .layers import FAMILIES, FAMILY_LABELS, SD1_WIDTHS, canonical_position, family_label, official_index
 from .subject_encoder import SubjectEncoder, SubjectEncoderConfig
 
@@ -32,6 +32,10 @@ OFFICIAL_LAYER_KEY = re.compile(r"^(\d+)\.to_([kv])_SSR\.weight$")
 PAIR_NAMES = (("pytorch_model.bin", "pytorch_model_1.bin"), ("ssr_aligner.safetensors", "ssr_attentions.safetensors"))
 ALIGNER_NAMES = tuple(aligner for aligner, _ in PAIR_NAMES)
 LAYER_NAMES = tuple(layers for _, layers in PAIR_NAMES)
+
+
+class WrongFamilyError(WeightFileError):
+    """The weights are not shaped for the expected model family (text width, layer count)."""
 
 
 class SSRWeights(nn.Module):
@@ -162,13 +166,13 @@ def _build(enc: Dict[str, torch.Tensor], att: Dict[str, torch.Tensor], heads: in
     for dim, path in ((text_dim, sources[0]), (context_dim, sources[1])):
         problem = family_problem(dim, expect_family) if dim is not None else None
         if problem:
-            raise WeightFileError(f"{path}: {problem}")
+            raise WrongFamilyError(f"{path}: {problem}")
     if text_dim is not None and pair_mismatch(text_dim, context_dim, *sources):
         raise WeightFileError(pair_mismatch(text_dim, context_dim, *sources))
     config = _encoder_config(enc, heads, sources[0])
     widths = _widths(att, sources[1])
     if expect_family == "sd1" and layer_count_problem(len(widths)):
-        raise WeightFileError(f"{sources[1]}: {layer_count_problem(len(widths))}")
+        raise WrongFamilyError(f"{sources[1]}: {layer_count_problem(len(widths))}")
     model = SSRWeights(config, widths, metadata)
     for part, sd, module, path in (("encoder", enc, model.encoder, sources[0]), ("attention", att, model.attention, sources[1])):
         expected = module.state_dict()
@@ -261,9 +265,64 @@ def save_ssr_weights(model: SSRWeights, path: str, extra_metadata: Optional[Dict
     metadata.update({k: str(v) for k, v in (extra_metadata or {}).items()})
     metadata.update(model.describe())
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)  # never leave a half-written file under the real name
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _plain_tensors(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    # Own, contiguous CPU storage per tensor: torch.save writes whole storages, and a view
+    # would drag its base (or a neighbour's bytes) into the file.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def save_official_pair(model: SSRWeights, folder: str) -> Tuple[str, str]:
+    """Write the authors' pair into ``folder``: ``pytorch_model.bin`` (aligner) and
+    ``pytorch_model_1.bin`` (layer weights), plain tensor dicts in the official key layout
+    (``official_state_dicts``), saved with ``torch.save`` so that the reference code's
+    ``torch.load`` reads them and our ``weights_only`` loading does too. -> the two paths."""
+    aligner, layers = official_state_dicts(model)
+    return _save_pair(folder, PAIR_NAMES[0], (aligner, layers),
+                      lambda tensors, tmp: torch.save(_plain_tensors(tensors), tmp))
+
+
+def save_reexport_pair(model: SSRWeights, folder: str, extra_metadata: Optional[Dict[str, str]] = None
+                       ) -> Tuple[str, str]:
+    """Write the safetensors pair into ``folder``: ``ssr_aligner.safetensors`` (aligner keys
+    without the ``aligner.`` / ``aligner.processor.`` prefixes) and
+    ``ssr_attentions.safetensors`` (the official layer keys), the layout the ComfyUI port and
+    most downloads use. Metadata: ``format: pt`` plus ``extra_metadata``. -> the two paths."""
+    from safetensors.torch import save_file
+
+    metadata = {k: str(v) for k, v in (extra_metadata or {}).items()}
+    metadata["format"] = "pt"
+    return _save_pair(folder, PAIR_NAMES[1], reexport_state_dicts(model),
+                      lambda tensors, tmp: save_file(_plain_tensors(tensors), tmp, metadata=metadata))
+
+
+def _save_pair(folder: str, names: Tuple[str, str], states, save) -> Tuple[str, str]:
+    os.makedirs(folder, exist_ok=True)
+    paths = tuple(os.path.join(folder, name) for name in names)
+    for path, tensors in zip(paths, states):
+        write_atomically(path, lambda tmp, tensors=tensors: save(tensors, tmp))
+    return paths
+
+
+# What ``export_ssr_weights`` writes: "single" is one file, the pairs go into a folder.
+EXPORT_FORMATS = ("single", "official", "reexport")
+
+
+def export_ssr_weights(model: SSRWeights, fmt: str, output: str,
+                       extra_metadata: Optional[Dict[str, str]] = None) -> Tuple[str, ...]:
+    """Write ``model`` as ``fmt`` (one of EXPORT_FORMATS): "single" -> the file ``output``
+    (.safetensors); "official" / "reexport" -> the pair inside the folder ``output``.
+    The official .bin files carry no metadata (plain tensor dicts). -> the paths written."""
+    if fmt == "single":
+        save_ssr_weights(model, output, extra_metadata)
+        return (output,)
+    if fmt == "official":
+        return save_official_pair(model, output)
+    if fmt == "reexport":
+        return save_reexport_pair(model, output, extra_metadata)
+    raise ValueError(f"unknown SSR weight format {fmt!r}; one of {', '.join(EXPORT_FORMATS)}")
 
 
 def official_state_dicts(model: SSRWeights) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:

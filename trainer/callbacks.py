@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ssr import save_ssr_weights
+from ssr.weights import EXPORT_FORMATS, export_ssr_weights
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +165,14 @@ class EMA(Callback):
 # ---------------------------------------------------------------------------------- export
 
 class SSRExport(Callback):
-    """Writes the trainable weights as our single .safetensors (what the WebUI extension
-    loads) every ``every_n_steps`` optimizer steps and at the end of training, with metadata
-    (base model, steps, data, settings). With EMA on, the EMA weights are exported."""
+    """Writes the trainable weights every ``every_n_steps`` optimizer steps and at the end of
+    training: our single .safetensors (what the WebUI extension loads, with metadata: base
+    model, steps, data, settings) and, if asked, the official .bin pair and the safetensors
+    re-export pair (each pair in its own folder, under the names other tools look for).
+    With EMA on, the EMA weights are exported."""
 
     def __init__(self, every_n_steps: int = 5000, dirpath: Optional[str] = None, prefix: str = "ssr",
-                 half: bool = False, export_on_train_end: bool = True):
+                 half: bool = False, export_on_train_end: bool = True, formats: Optional[List[str]] = None):
         """
         Args:
             every_n_steps: Export every this-many optimizer steps (0: only at the end).
@@ -178,9 +180,19 @@ class SSRExport(Callback):
             prefix: File names are <prefix>-step<N>.safetensors (and <prefix>-last.safetensors).
             half: Store fp16 tensors (half the size; loaded as fp32).
             export_on_train_end: Also export when training ends (<prefix>-last.safetensors).
+            formats: What to write each time, any of "single" (<prefix>-step<N>.safetensors),
+                "official" (folder <prefix>-step<N>-official/ with pytorch_model.bin +
+                pytorch_model_1.bin, the authors' layout) and "reexport" (folder
+                <prefix>-step<N>-reexport/ with ssr_aligner.safetensors +
+                ssr_attentions.safetensors, the ComfyUI port's layout). Default: ["single"].
         """
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
+        formats = list(formats) if formats is not None else ["single"]
+        unknown = [f for f in formats if f not in EXPORT_FORMATS]
+        if unknown or not formats:
+            raise ValueError(f"export formats must be a non-empty list of {', '.join(EXPORT_FORMATS)}; got {formats}")
+        self.formats = list(dict.fromkeys(formats))
         self.every_n_steps = every_n_steps
         self.dirpath = dirpath
         self.prefix = prefix
@@ -190,9 +202,13 @@ class SSRExport(Callback):
         self.last_path: Optional[str] = None
 
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, filename: str) -> Optional[str]:
-        """Export now (call on every rank); -> the path written (rank 0) or None."""
+        """Export now (call on every rank) as ``filename`` (<name>.safetensors; pairs go to
+        the folders <name>-official/, <name>-reexport/); -> the single file's path, else the
+        first pair folder (rank 0), or None."""
         ema = find_callback(trainer, EMA)
         path = os.path.join(self.dirpath or output_dir(trainer, "export"), filename)
+        stem = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
+        outputs = {fmt: path if fmt == "single" else f"{stem}-{fmt}" for fmt in self.formats}
         with full_parameters(trainer), (ema.averaged(pl_module) if ema else contextlib.nullcontext()):
             if trainer.is_global_zero:
                 meta = pl_module.export_metadata()
@@ -203,11 +219,12 @@ class SSRExport(Callback):
 
                     weights = copy.deepcopy(weights).half()
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                save_ssr_weights(weights, path, meta)
-                log.info("exported SSR weights to %s", path)
+                for fmt, output in outputs.items():
+                    export_ssr_weights(weights, fmt, output, meta)
+                    log.info("exported SSR weights (%s) to %s", fmt, output)
         self._last_exported = trainer.global_step
-        self.last_path = path
-        return path if trainer.is_global_zero else None
+        self.last_path = next(iter(outputs.values()))
+        return self.last_path if trainer.is_global_zero else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

@@ -36,9 +36,11 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from ssr.image_encoder import clip_preprocess, clip_resize_size, to_pil_rgb
+
+from .sampling import EpochPermutationSampler
 
 log = logging.getLogger(__name__)
 
@@ -314,35 +316,6 @@ class JsonlImageTextDataset(Dataset):
         raise RuntimeError(
             f"{self.jsonl_path}: {MAX_CONSECUTIVE_SKIPS} consecutive unusable rows from row {index} "
             f"(reasons {dict(Counter(reasons))}); check image_root={self.image_root!r} and the file")
-
-
-class EpochPermutationSampler(DistributedSampler):
-    """A seeded permutation of the rows per epoch (seed + epoch), split across devices,
-    that can resume inside an epoch; yields (epoch, row) pairs.
-
-    Subclasses DistributedSampler only so that Lightning uses it as it is instead of
-    wrapping it in another distributed sampler; it works without torch.distributed.
-    Every device gets len(dataset) // num_replicas rows (the remainder is dropped).
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self._resume: Optional[Tuple[int, int]] = None  # (epoch, rows this device already used)
-
-    def resume_at(self, epoch: int, samples_per_device: int) -> None:
-        """Make the iteration over ``epoch`` skip its first ``samples_per_device`` rows."""
-        self._resume = (epoch, samples_per_device) if samples_per_device > 0 else None
-
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
-        epoch = self.epoch
-        rows = list(super().__iter__())
-        skip = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
-        for row in rows[skip:]:
-            yield epoch, row
-        # Forget the resume point only once that epoch was read to its end: an iterator that
-        # was created and thrown away (Lightning may do that while setting up) keeps it.
-        if skip:
-            self._resume = None
 
 
 # ----------------------------------------------------------------------------- WebDataset (streamed)
@@ -722,7 +695,8 @@ class SubjectDataModule(pl.LightningDataModule):
             if len(dataset) < world_size * self.batch_size:
                 raise ValueError(f"{self.train_jsonl}: {len(dataset)} rows is less than one batch of "
                                  f"{self.batch_size} per device on {world_size} devices")
-            self._sampler = EpochPermutationSampler(dataset, num_replicas=world_size, rank=rank, seed=self.seed)
+            self._sampler = EpochPermutationSampler(dataset, num_replicas=world_size, rank=rank, seed=self.seed,
+                                                    epoch_fn=self._current_epoch if self.trainer is not None else None)
             self._sampler.resume_at(self._position_epoch, self._resume_samples_global // world_size)
             # Persistent workers are safe: the epoch travels with the sampler's indices.
             return ResumableDataLoader(dataset, sampler=self._sampler, drop_last=True,

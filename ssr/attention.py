@@ -12,9 +12,19 @@ with Q the layer's own query. No UNet code is changed; three hooks per layer do 
   ``scale * to_out[0].weight @ subject_attention`` (equal, since ``to_out[0]`` is linear).
 Hooks run around whatever ``forward`` is installed, at class level or per instance.
 
+Hosts with their own attention patches (Forge, reForge: an attn2 "replace" patch gets q/k/v
+after the projections and the layer's ``forward`` never runs) serve the branch from such a
+patch instead: ``SubjectAttention.attach(unet, weights)`` validates the layers without
+installing hooks, and the patch calls ``patched_branch(index, q, heads)``.
+
 Rows: each UNet call's batch rows pick a context by index (or ``None``: no branch), so any
 cond/uncond layout can be served. Subject K_S/V_S are projected once per context (per dtype
 and device) and reused across steps.
+
+Accounting: ``served[i]`` counts the calls in which layer i added the branch, ``bypassed[i]``
+the calls in which its ``to_q`` ran while the branch was on but its own ``forward`` did not
+(something called the projections directly): the host glue compares them with the calls it
+expected, so that a branch that was armed but never ran is reported, not claimed.
 """
 from __future__ import annotations
 
@@ -106,7 +116,10 @@ class SubjectAttention:
         self._kv: Dict[Tuple[int, torch.dtype, torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
         self._states = [_LayerState() for _ in self.layers]
         self._hooks: List = []
+        self.attached = False  # served by the host's attention patches instead of hooks
         self.fallback_calls = 0  # how often the output-side fallback had to run (diagnostics)
+        self.served = [0] * len(self.layers)
+        self.bypassed = [0] * len(self.layers)
 
     # ------------------------------------------------------------------ control
     def set_context(self, tokens: Optional[torch.Tensor], value_weights: Optional[torch.Tensor] = None) -> None:
@@ -131,7 +144,12 @@ class SubjectAttention:
 
     @property
     def active(self) -> bool:
-        return self.enabled and self.scale != 0.0 and self._tokens is not None and bool(self._hooks)
+        return self.enabled and self.scale != 0.0 and self._tokens is not None and (bool(self._hooks) or self.attached)
+
+    def reset_counts(self) -> None:
+        self.served = [0] * len(self.layers)
+        self.bypassed = [0] * len(self.layers)
+        self.fallback_calls = 0
 
     # ------------------------------------------------------------------ computation
     def _row_contexts(self, batch: int) -> List[Optional[int]]:
@@ -176,9 +194,11 @@ class SubjectAttention:
             self._kv[key] = projected
         return self._kv[key]
 
-    def subject_attention(self, index: int, layer: nn.Module, query: torch.Tensor) -> Optional[torch.Tensor]:
+    def subject_attention(self, index: int, layer: Optional[nn.Module], query: torch.Tensor,
+                          heads: Optional[int] = None) -> Optional[torch.Tensor]:
         """query [B, N, C] (the layer's to_q output) -> Attn(Q, K_S, V_S) [B, N, C] with zeros in
-        rows without a context, or None when no row has one.
+        rows without a context, or None when no row has one. ``heads``: the layer's head
+        count (default ``layer.heads``).
 
         Rows are served in runs of consecutive rows sharing a context (cond rows, then uncond
         rows, in the WebUI), by slicing: no index tensor is built, so nothing waits on a
@@ -188,7 +208,7 @@ class SubjectAttention:
         rows = self._row_contexts(batch)
         if all(r is None for r in rows):
             return None
-        heads = layer.heads
+        heads = int(heads if heads is not None else layer.heads)
         k, v = self._projected(index, heads, query.dtype, query.device)
         q = query.reshape(batch, n, heads, c // heads).transpose(1, 2)
         if rows == list(range(k.shape[0])):  # one context per row (training)
@@ -209,6 +229,18 @@ class SubjectAttention:
             start = end
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
+    def patched_branch(self, index: int, query: torch.Tensor, heads: int) -> Optional[torch.Tensor]:
+        """For a host attention patch of layer ``index`` (attached handle): query [B, N, C] after
+        ``to_q`` -> ``scale * Attn(Q, K_S, V_S)`` to add to the attention output before
+        ``to_out``, or None when the branch is off or no row has a context. Counts as served."""
+        if not self.active:
+            return None
+        branch = self.subject_attention(index, None, query, heads)
+        if branch is None:
+            return None
+        self.served[index] += 1
+        return self.scale * branch.to(query.dtype)
+
     # ------------------------------------------------------------------ hooks
     def _hooks_for(self, index: int, layer: nn.Module):
         state = self._states[index]
@@ -219,6 +251,8 @@ class SubjectAttention:
         def keep_query(module, args, output):
             if state.armed and state.query is None:
                 state.query = output
+            elif not state.armed and self.active:  # the projections ran without the layer's forward
+                self.bypassed[index] += 1
 
         def add_before_out(module, args):
             q = state.query
@@ -228,6 +262,7 @@ class SubjectAttention:
             branch = self.subject_attention(index, layer, q)
             if branch is None:
                 return None
+            self.served[index] += 1
             return (args[0] + self.scale * branch.to(args[0].dtype),) + tuple(args[1:])
 
         def fallback(module, args, kwargs, output):
@@ -239,6 +274,7 @@ class SubjectAttention:
                 if branch is None:
                     return None
                 self.fallback_calls += 1
+                self.served[index] += 1
                 proj = layer.to_out[0].weight
                 return output + self.scale * F.linear(branch.to(proj.dtype), proj).to(output.dtype)
             finally:
@@ -257,8 +293,18 @@ class SubjectAttention:
         self.unet._ssr_subject_attention = self
         return self
 
+    @classmethod
+    def attach(cls, unet: nn.Module, weights: SubjectAttentionWeights, scale: float = 1.0) -> "SubjectAttention":
+        """A handle for a host that serves the branch from its own attention patches
+        (``patched_branch``): the layers are validated, no hook is installed. ``remove()``
+        detaches it (every later ``patched_branch`` returns None)."""
+        handle = cls(unet, weights, scale)
+        handle.attached = True
+        return handle
+
     def remove(self) -> None:
         """Remove every hook and forget the context; safe to call more than once."""
+        self.attached = False
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -271,7 +317,7 @@ class SubjectAttention:
 
     @property
     def installed(self) -> bool:
-        return bool(self._hooks)
+        return bool(self._hooks) or self.attached
 
     def __enter__(self) -> "SubjectAttention":
         return self

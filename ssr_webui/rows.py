@@ -7,6 +7,11 @@ split them over several UNet calls (chunks that can mix cond and uncond, a separ
 an uncond of another token length) or skip the uncond rows. So the decision is made per row,
 per call, from what the call itself carries:
 
+0. The host's own marks, where it gives them: Forge and reForge pass
+   ``transformer_options["cond_or_uncond"]`` to the UNet, one entry per equal-size chunk of
+   the batch (0 = cond, 1 = uncond; they batch uncond first). ``rows_from_marks`` reads them
+   and nothing below is used for such a call.
+
 1. ControlNet's marker token, when present: sd-webui-controlnet prepends one token to every
    cond (all +1024) and uncond (all -1024) before sampling and strips it inside its UNet forward.
 2. An exact match of the row's context against the step's cond rows and uncond rows, as
@@ -66,12 +71,30 @@ def rows_matching(context: torch.Tensor, known: Optional[torch.Tensor]) -> torch
     return found.cpu()
 
 
+HOST_COND, HOST_UNCOND = 0, 1  # the values of Forge's / reForge's cond_or_uncond entries
+
+
+def rows_from_marks(marks, batch: int) -> Optional[List[Optional[int]]]:
+    """The host's ``cond_or_uncond`` (one 0/1 entry per equal-size chunk of the batch) ->
+    a context index per row (SUBJECT for cond, UNCONDITIONAL for uncond, None for anything
+    else), or None when ``marks`` is not a usable list for ``batch`` rows."""
+    if not isinstance(marks, (list, tuple)) or not marks or batch % len(marks):
+        return None
+    per_chunk = batch // len(marks)
+    rows: List[Optional[int]] = []
+    for mark in marks:
+        ctx = SUBJECT if mark == HOST_COND else UNCONDITIONAL if mark == HOST_UNCOND else None
+        rows.extend([ctx] * per_chunk)
+    return rows
+
+
 class RowRouter:
     """Per sampling step ``begin_step(text_cond, text_uncond)``; per UNet call
     ``route(context [B, L, D])`` -> a context index per row (SUBJECT, UNCONDITIONAL or None).
 
-    ``decisions`` counts how rows were decided ("marker", "match", "position", "none"),
-    which tests and diagnostics read."""
+    ``decisions`` counts how rows were decided ("host", "marker", "match", "position",
+    "none"), which tests and diagnostics read. ``route(context, marks)`` with the host's
+    ``cond_or_uncond`` uses those marks alone."""
 
     def __init__(self):
         self.cond: Optional[torch.Tensor] = None
@@ -98,12 +121,16 @@ class RowRouter:
             return UNCONDITIONAL
         return None
 
-    def route(self, context: Optional[torch.Tensor]) -> List[Optional[int]]:
+    def route(self, context: Optional[torch.Tensor], marks=None) -> List[Optional[int]]:
         if not isinstance(context, torch.Tensor) or context.ndim != 3:
             return []
         batch = context.shape[0]
         first = self.rows_seen
         self.rows_seen += batch
+        by_host = rows_from_marks(marks, batch)
+        if by_host is not None:
+            self.decisions["host"] += batch
+            return by_host
         if not self.in_step:
             self.decisions["none"] += batch
             return [None] * batch

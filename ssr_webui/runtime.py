@@ -32,7 +32,7 @@ from ssr.layers import FAMILY_LABELS, find_cross_attention_layers
 from ssr.query_encoder import encode_query_tokens, hf_query_tokens
 from ssr.weights import PAIR_NAMES
 
-from . import infotext, settings
+from . import infotext, patcher, settings
 from .model_files import ModelFile, ModelFinder, ModelListing, content_hash
 from .request import ArgumentError, SubjectRequest, parse_script_args
 from .session import GenerationSession, remove_from_unet, sampling_passes, window_not_applied_reason
@@ -58,29 +58,67 @@ def check_sd_family(sd_model) -> None:
 
 
 def sd_unet(sd_model):
+    """The loaded model's ldm-layout UNet module: the WebUI and reForge keep it at
+    ``sd_model.model.diffusion_model``, Forge only in its UNet patcher
+    (``forge_objects.unet.model.diffusion_model``)."""
     unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
     if unet is None:
-        raise ModelMismatch("the loaded model has no ldm UNet (sd_model.model.diffusion_model); "
-                            "this extension supports the AUTOMATIC1111 WebUI with SD1.x checkpoints")
+        unet = patcher.patcher_unet(patcher.unet_patcher(sd_model))
+    if unet is None:
+        raise ModelMismatch("the loaded model has no ldm UNet (sd_model.model.diffusion_model, or "
+                            "forge_objects.unet.model.diffusion_model on Forge); this extension supports the "
+                            "AUTOMATIC1111 WebUI, Forge and reForge with SD1.x checkpoints")
     return unet
+
+
+def _text_model(sd_model):
+    """-> (HF CLIPTextModel, its tokenizer, a function that loads it the host's way or None):
+    the WebUI and reForge wrap it in ``cond_stage_model.wrapped``; Forge keeps it at
+    ``forge_objects.clip.cond_stage_model.clip_l.transformer`` with the tokenizer at
+    ``forge_objects.clip.tokenizer.clip_l`` and offloads it (its memory manager loads it)."""
+    wrapped = getattr(getattr(sd_model, "cond_stage_model", None), "wrapped", None)
+    transformer, tokenizer = getattr(wrapped, "transformer", None), getattr(wrapped, "tokenizer", None)
+    if transformer is not None and tokenizer is not None:
+        return transformer, tokenizer, None
+    clip = getattr(getattr(sd_model, "forge_objects", None), "clip", None)
+    clip_l = getattr(getattr(clip, "cond_stage_model", None), "clip_l", None)
+    transformer = getattr(clip_l, "transformer", None)
+    tokenizer = getattr(getattr(clip, "tokenizer", None), "clip_l", None)
+    if transformer is None or tokenizer is None:
+        return None, None, None
+    clip_patcher = getattr(clip, "patcher", None)
+
+    def load():
+        if clip_patcher is None:
+            return
+        try:
+            from backend import memory_management
+        except ImportError:  # not Forge's backend
+            return
+        memory_management.load_model_gpu(clip_patcher)
+
+    return transformer, tokenizer, load
 
 
 def sd_query_encoder(sd_model, text_dim: int) -> Callable[[List[str]], torch.Tensor]:
     """The loaded model's own CLIP text encoder for queries: texts -> [B, 77, text_dim], last
     hidden state after the final LayerNorm (no CLIP-skip, emphasis or embeddings: the HF
     model is called directly, under the WebUI's prompt wrapper)."""
-    wrapped = getattr(getattr(sd_model, "cond_stage_model", None), "wrapped", None)
-    transformer, tokenizer = getattr(wrapped, "transformer", None), getattr(wrapped, "tokenizer", None)
+    transformer, tokenizer, load = _text_model(sd_model)
     if transformer is None or tokenizer is None:
         raise ModelMismatch("the loaded model's text encoder is not SD1.x's CLIP text model "
-                            "(cond_stage_model.wrapped.transformer / .tokenizer)")
+                            "(cond_stage_model.wrapped.transformer / .tokenizer, or Forge's "
+                            "forge_objects.clip.cond_stage_model.clip_l)")
     width = getattr(getattr(transformer, "config", None), "hidden_size", None)
     if width is not None and width != text_dim:
         raise ModelMismatch(f"the loaded model's text encoder is {width} wide, the SSR weights expect {text_dim} (SD1.x)")
 
     def encode(texts: List[str]) -> torch.Tensor:
         device = None
-        if getattr(sd_model, "lowvram", False):  # --lowvram/--medvram: hooks move it to the GPU when called
+        if load is not None:
+            load()
+            device = next(transformer.parameters()).device
+        elif getattr(sd_model, "lowvram", False):  # --lowvram/--medvram: hooks move it to the GPU when called
             from modules import devices
 
             device = devices.device
@@ -326,13 +364,13 @@ class SSRRuntime:
 
     # ------------------------------------------------------------------ reporting
     def report(self, p, message: str, applied: bool = False, exc: Optional[BaseException] = None,
-               notice: bool = False) -> None:
+               notice: bool = False, partly: bool = False) -> None:
         """An error (or, with ``notice``, a reason for not applying that is no error: the SSR
         keys stay in the infotext and no "SSR error" is written) reaches the console, the
         generation's comments and infotext, and the UI as a toast; with paths relative to the
         models folder (``scrub_paths``)."""
         message = scrub_paths(self, message)
-        text = f"SSR-Encoder {'stopped' if applied else 'was not applied'}: {message}"
+        text = f"SSR-Encoder {'was only partly applied' if partly else 'stopped' if applied else 'was not applied'}: {message}"
         print(f"{LOG_PREFIX} {text}", file=sys.stderr)
         if exc is not None and not isinstance(exc, (ArgumentError, ModelMismatch, ssr.WeightFileError,
                                                     ssr.IncompatibleUNetError)):
@@ -365,7 +403,10 @@ class SSRRuntime:
         """Remove SSR hooks left by a generation that ended in an exception."""
         if self.active is not None:
             self.active.uninstall()
-        unet = getattr(getattr(getattr(p, "sd_model", None), "model", None), "diffusion_model", None)
+        try:
+            unet = sd_unet(getattr(p, "sd_model", None))
+        except ModelMismatch:
+            unet = None
         if unet is not None and remove_from_unet(unet):
             print(f"{LOG_PREFIX} removed subject attention left over from an interrupted generation", file=sys.stderr)
 
@@ -425,9 +466,16 @@ class SSRRuntime:
         """``Script.postprocess_batch``: hooks exist only while sampling."""
         session = getattr(p, SESSION_ATTR, None)
         if session is not None:
+            problem = session.served_problem()
             session.uninstall()
             state = _webui_state()
             stopped = state is not None and (getattr(state, "interrupted", False) or getattr(state, "skipped", False))
+            if problem is not None and not session.served_reported and not session.failed and not stopped:
+                # Armed, but the layers never ran the branch (a host path around our hooks or
+                # patches): never claim it was applied.
+                session.served_reported = True
+                reason, partly = problem
+                self.report(p, reason, applied=partly, partly=partly)
             if session.passes and not session.steps_active and not session.failed and not session.idle_reported \
                     and not stopped:
                 # The estimate before sampling said some step was in the window, but the sampler

@@ -21,6 +21,7 @@ import torch
 
 import ssr
 
+from . import patcher
 from .rows import RowRouter
 
 ROUTE_HOOK_ATTR = "_ssr_webui_route_hook"  # on the UNet: our pre-hook's handle, found again after a crash
@@ -127,7 +128,14 @@ def uninstall_on_close(p, uninstall: Callable[[], None]) -> None:
 class GenerationSession:
     """Holds what one generation needs: the validated request, the chosen files, the loaded
     weights and embedder. ``p`` is held weakly: when the WebUI drops it after an exception
-    that skipped ``postprocess``, the hooks go with it."""
+    that skipped ``postprocess``, the hooks go with it.
+
+    Two ways to serve the branch, chosen per pass by what the host offers: module hooks on
+    the attn2 layers (the WebUI), or attn2 replace patches on a clone of the host's UNet
+    patcher (Forge, reForge: ``patcher.py``). Either way a forward pre-hook on the UNet
+    decides each call's rows (the host's ``cond_or_uncond`` marks where it passes them,
+    else ``rows.RowRouter``) and counts the calls the branch was armed for; the handle counts
+    the layer calls that served it, and ``served_problem`` compares the two."""
 
     def __init__(self, runtime, p, request, ssr_file, clip_file, weights, embedder):
         self.runtime = runtime
@@ -142,8 +150,14 @@ class GenerationSession:
         self._route_hook = None
         self.failed: Optional[str] = None
         self.passes = 0  # sampling passes the branch was installed for
-        self.steps_active = 0  # denoiser steps with the branch switched on
+        self.steps_active = 0  # denoiser steps (or, on patcher hosts, UNet calls) with the branch switched on
         self.idle_reported = False  # "not applied: no step in the window" was reported after sampling
+        self.served_reported = False  # "not applied: armed but not served" was reported
+        self.mechanism: Optional[str] = None  # "hooks" (module hooks) or "patches" (host UNet patcher)
+        self.sigma_window: Optional[Tuple[float, float]] = None  # (sigma at start, sigma at end) on patcher hosts
+        self.calls_armed = 0  # UNet calls with the branch on and a context for some row (this batch)
+        self.patch_busy: List[bool] = []
+        self._patched = None  # (sd_model, original patcher, our clone) while installed
         self._finalizer = weakref.finalize(p, self.uninstall)
         uninstall_on_close(p, self.uninstall)
 
@@ -157,10 +171,17 @@ class GenerationSession:
         failure; nothing stays installed then."""
         unet = self.runtime.check_sd_model(sd_model, self.weights)
         encoded = self.runtime.encode(self.embedder, self.subjects, sd_model, self.ssr_file, self.clip_file)
+        host_patcher = patcher.unet_patcher(sd_model)
+        mechanism = "patches" if host_patcher is not None else "hooks"
         try:
-            if self.handle is None or self.unet is not unet or not self.handle.installed:
+            if self.handle is None or self.unet is not unet or not self.handle.installed or mechanism != self.mechanism:
                 self.uninstall()
-                self.handle = ssr.install_subject_attention(unet, self.weights.attention, self.request.scale)
+                if mechanism == "patches":
+                    self.handle = ssr.SubjectAttention.attach(unet, self.weights.attention, self.request.scale)
+                else:
+                    self.handle = ssr.install_subject_attention(unet, self.weights.attention, self.request.scale)
+                self.mechanism = mechanism
+                self.patch_busy = [False] * len(self.handle.layers)
                 self.unet = unet
                 self._route_hook = unet.register_forward_pre_hook(self._route, with_kwargs=True)
                 setattr(unet, ROUTE_HOOK_ATTR, self._route_hook)
@@ -169,10 +190,28 @@ class GenerationSession:
             self.handle.scale = self.request.scale
             self.handle.enabled = False  # until a step in [start, end) begins
             self.router.end_step()
+            if mechanism == "patches":
+                to_sigma = patcher.percent_to_sigma(host_patcher)
+                if to_sigma is None:
+                    raise RuntimeError("the host's UNet patcher has no percent_to_sigma for the start/end window")
+                self.sigma_window = (float(to_sigma(self.request.start)), float(to_sigma(self.request.end)))
+                self._unpatch()
+                original, clone = patcher.install(self, sd_model, self.handle.layers)
+                self._patched = (weakref.ref(sd_model), original, clone)
+            else:
+                self.sigma_window = None
             self.passes += 1
         except Exception:
             self.uninstall()
             raise
+
+    def _unpatch(self) -> None:
+        if self._patched is not None:
+            model_ref, original, clone = self._patched
+            self._patched = None
+            model = model_ref()
+            if model is not None:
+                patcher.restore(model, original, clone)
 
     def uninstall(self) -> None:
         if self._route_hook is not None:
@@ -180,6 +219,7 @@ class GenerationSession:
             if self.unet is not None and getattr(self.unet, ROUTE_HOOK_ATTR, None) is self._route_hook:
                 delattr(self.unet, ROUTE_HOOK_ATTR)
             self._route_hook = None
+        self._unpatch()
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
@@ -194,10 +234,13 @@ class GenerationSession:
 
     # ------------------------------------------------------------------ per step / per call
     def on_step(self, params) -> None:
-        """``on_cfg_denoiser``: the step's conds, and whether the branch is on for this step."""
+        """``on_cfg_denoiser``: the step's conds, and whether the branch is on for this step
+        (on patcher hosts the UNet call's sigma decides, in ``_route``)."""
         if self.handle is None:
             return
         self.router.begin_step(params.text_cond, params.text_uncond)
+        if self.sigma_window is not None:
+            return
         fraction = step_fraction(params)
         self.handle.enabled = self.request.start <= fraction < self.request.end
         self.steps_active += int(self.handle.enabled)
@@ -205,23 +248,76 @@ class GenerationSession:
     def end_step(self) -> None:
         self.router.end_step()
 
+    def in_sigma_window(self, sigmas) -> bool:
+        """Whether a UNet call at ``sigmas`` lies in [start, end): sigma(end) < sigma <= sigma(start)."""
+        if not isinstance(sigmas, torch.Tensor) or sigmas.numel() == 0:
+            return False
+        sigma = float(sigmas.detach().float().max())
+        high, low = self.sigma_window
+        return low < sigma <= high
+
     def _route(self, module, args, kwargs):
         """Forward pre-hook of the UNet: pick every row's subject context for this call."""
-        if self.handle is None or not self.handle.enabled:
-            return None  # outside [start, end): the step's rows need no decision
+        if self.handle is None:
+            return None
+        options = kwargs.get("transformer_options")
+        options = options if isinstance(options, dict) else {}
+        result = None
         try:
+            if self.sigma_window is not None:
+                self.handle.enabled = self.in_sigma_window(options.get("sigmas"))
+                self.steps_active += int(self.handle.enabled)
+            if not self.handle.enabled:
+                return None  # outside [start, end): the step's rows need no decision
             context = kwargs.get("context", args[2] if len(args) > 2 else None)
             x = kwargs.get("x", args[0] if args else None)
-            rows = self.router.route(context)
+            rows = self.router.route(context, options.get("cond_or_uncond"))
             if not rows and isinstance(x, torch.Tensor):
                 rows = [None] * x.shape[0]
             self.handle.set_rows(rows)
+            if any(r is not None for r in rows):
+                self.calls_armed += 1
+            if self.mechanism == "patches" and options:
+                chained = patcher.ensure_chained(self, options, self.handle.layers)
+                if chained is not None:
+                    kwargs = dict(kwargs)
+                    kwargs["transformer_options"] = chained
+                    result = (args, kwargs)
         except Exception as e:  # a hook must not break sampling: switch off and say so
             if self.handle is not None:
                 self.handle.enabled = False
                 self.handle.set_rows(None)
             self.fail(f"row routing failed ({type(e).__name__}: {e}); the subject branch was switched off")
-        return None
+            return None
+        return result
+
+    def served_problem(self) -> Optional[Tuple[str, bool]]:
+        """After a batch: -> (reason, whether some layers served it) when the branch was armed
+        for some UNet call but no attn2 layer served it, or some layers never did; else None.
+        Resets the counts for the next batch."""
+        handle, armed = self.handle, self.calls_armed
+        self.calls_armed = 0
+        if handle is None or armed == 0:
+            return None
+        served, bypassed = list(handle.served), list(handle.bypassed)
+        handle.reset_counts()
+        idle = [i for i, n in enumerate(served) if n == 0]
+        if not idle:
+            return None
+        if self.mechanism == "patches":
+            why = "the host did not call its attn2 replace patches for them"
+        elif any(bypassed[i] for i in idle):
+            why = ("something called their projections without the attention module's forward "
+                   "(another extension's attention patch)")
+        else:
+            why = "the UNet ran without calling them"
+        total = len(served)
+        if len(idle) == total:
+            return (f"the subject branch was armed for {armed} UNet calls but no cross-attention layer "
+                    f"ran it ({why})", False)
+        names = " ".join(self.handle.layers[i][0].replace(".transformer_blocks.0.attn2", "") for i in idle)
+        return (f"the subject branch ran on only {total - len(idle)} of {total} cross-attention layers "
+                f"(not on {names}: {why})", True)
 
     def fail(self, message: str) -> None:
         self.failed = message

@@ -3,4 +3,4 @@
 (.venv) runs everything else."""
 import os
 
-collect_ignore = [] if os.environ.get("SSR_REALHOST") == "1" else ["realhost"]
+collect_ignore = [] if os.environ.get("SSR_REALHOST") == "1" else ["realhost", "realhost_forks"]

@@ -133,11 +133,14 @@ def vae_identity(vae: nn.Module) -> str:
 class SSRTrainingCore(nn.Module):
     """Frozen SD UNet/VAE/text encoder and CLIP vision, trainable ``ssr`` (SSRWeights).
 
-    ``regularizer``: "reference" or "paper" (see ``trainer.losses``); ``tau``: its weight.
+    ``regularizer``: "reference" or "paper" (see ``trainer.losses``); ``tau``: its weight;
+    ``reg_on_dropped_subjects``: also apply it to rows whose subject was dropped (off: those
+    rows train through L_LDM only, see ``trainer.losses``).
     """
 
     def __init__(self, sd: StableDiffusionParts, image_encoder: ClipImageEncoder, ssr: SSRWeights,
-                 regularizer: str = "reference", tau: float = 0.1, latent_cache: Optional[LatentCache] = None):
+                 regularizer: str = "reference", tau: float = 0.1, latent_cache: Optional[LatentCache] = None,
+                 reg_on_dropped_subjects: bool = False):
         super().__init__()
         if regularizer not in REGULARIZERS:
             raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {regularizer!r}")
@@ -148,6 +151,7 @@ class SSRTrainingCore(nn.Module):
         self.noise_scheduler = sd.noise_scheduler
         self.regularizer, self.tau = regularizer, float(tau)
         self.latent_cache = latent_cache
+        self.reg_on_dropped_subjects = reg_on_dropped_subjects
         text_width = self.text_encoder.config.hidden_size
         cfg = ssr.encoder.config
         if cfg.text_dim != text_width:
@@ -188,13 +192,24 @@ class SSRTrainingCore(nn.Module):
 
     # ------------------------------------------------------------------ encoders
     @torch.no_grad()
-    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """texts (B strings) -> last hidden states [B, 77, D]; each distinct text encoded once."""
-        unique = list(dict.fromkeys(texts))
+    def encode_texts(self, texts: Sequence[str], precomputed: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """texts (B strings) -> last hidden states [B, 77, D]; each distinct text encoded once.
+        ``precomputed`` [B, 77, D] (from precomputed shards) is used for the rows whose text is
+        not "" (a dropped prompt or query is "" and gets the live encoding of "")."""
         device = next(self.text_encoder.parameters()).device
-        states = encode_query_tokens(self.text_encoder, self.tokenize(unique), device)
-        index = torch.tensor([unique.index(t) for t in texts], device=device)
-        return states.index_select(0, index)
+        todo = list(range(len(texts))) if precomputed is None else [i for i, t in enumerate(texts) if t == ""]
+        states = None
+        if precomputed is not None:
+            states = precomputed.to(device, self.text_encoder.dtype).clone()
+        if todo:
+            wanted = [texts[i] for i in todo]
+            unique = list(dict.fromkeys(wanted))
+            encoded = encode_query_tokens(self.text_encoder, self.tokenize(unique), device)
+            encoded = encoded.index_select(0, torch.tensor([unique.index(t) for t in wanted], device=device))
+            if states is None:
+                return encoded
+            states[todo] = encoded.to(states.dtype)
+        return states
 
     @torch.no_grad()
     def encode_latents(self, pixel_values: torch.Tensor, generator: torch.Generator,
@@ -213,7 +228,13 @@ class SSRTrainingCore(nn.Module):
         device = pixel_values.device
         mean = torch.stack([e[0].to(device, torch.float32) for e in entries])
         std = torch.stack([e[1].to(device, torch.float32) for e in entries])
-        noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+        return self.sample_latents(mean, std, generator)
+
+    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The VAE latent distribution's mean, std [B, 4, h, w] (any float dtype) -> scaled
+        latents [B, 4, h, w] float32: one draw from ``generator``, times the VAE's scaling."""
+        mean, std = mean.float(), std.float()
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return (mean + std * noise) * self.vae.config.scaling_factor
 
     def subject_tokens(self, z_q: torch.Tensor, clip_pixel_values: torch.Tensor, single_scale: bool = False
@@ -227,10 +248,12 @@ class SSRTrainingCore(nn.Module):
         tokens, _, scales = self.ssr.encoder(z_q.to(dtype), [s.to(dtype) for s in states], return_scales=True)
         return tokens, scales
 
-    def regularization(self, tokens: torch.Tensor, scales: Sequence[torch.Tensor], z_q: torch.Tensor) -> torch.Tensor:
+    def regularization(self, tokens: torch.Tensor, scales: Sequence[torch.Tensor], z_q: torch.Tensor,
+                       rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """L_reg over the batch rows ``rows`` [B] bool (None: all rows)."""
         if self.regularizer == "reference":
-            return regularizer_reference(scales, z_q)
-        return regularizer_paper(tokens, z_q)
+            return regularizer_reference(scales, z_q, rows)
+        return regularizer_paper(tokens, z_q, rows)
 
     def _unet(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         dtype = self.unet.dtype
@@ -238,16 +261,25 @@ class SSRTrainingCore(nn.Module):
 
     # ------------------------------------------------------------------ training loss
     def losses(self, batch: Dict, generator: torch.Generator, single_scale: bool = False) -> Dict[str, torch.Tensor]:
-        """batch: pixel_values [B,3,R,R], clip_pixel_values [B,3,C,C], prompt/query (B strings),
-        optional key (B strings, for the latent cache). All randomness (latent sample,
-        timesteps, noise, in that order) comes from ``generator``, on the batch's device.
+        """batch: clip_pixel_values [B,3,C,C], prompt/query (B strings) and either
+        pixel_values [B,3,R,R] (raw data; optional key, B strings, for the latent cache) or
+        latent_mean, latent_std [B,4,R/8,R/8] (precomputed shards, the VAE not run);
+        optional prompt_states, query_states [B,77,D] (precomputed text embeddings) and
+        subject_dropped [B] bool (rows left out of L_reg unless reg_on_dropped_subjects).
+        All randomness (latent sample, timesteps, noise, in that order) comes from
+        ``generator``, on the batch's device.
         -> {"loss", "loss_ldm", "loss_reg"} (scalars; only "loss" carries gradients needed)."""
-        pixel_values = batch["pixel_values"]
         prompts, queries = list(batch["prompt"]), list(batch["query"])
         b = len(prompts)
-        texts = self.encode_texts(prompts + queries)
+        precomputed = None
+        if batch.get("prompt_states") is not None:
+            precomputed = torch.cat([batch["prompt_states"], batch["query_states"]])
+        texts = self.encode_texts(prompts + queries, precomputed)
         prompt_states, z_q = texts[:b], texts[b:]
-        latents = self.encode_latents(pixel_values, generator, batch.get("key"))
+        if "latent_mean" in batch:
+            latents = self.sample_latents(batch["latent_mean"], batch["latent_std"], generator)
+        else:
+            latents = self.encode_latents(batch["pixel_values"], generator, batch.get("key"))
         tokens, scales = self.subject_tokens(z_q, batch["clip_pixel_values"], single_scale)
         self.set_subject_context(tokens)
 
@@ -265,7 +297,9 @@ class SSRTrainingCore(nn.Module):
             raise ValueError(f"unsupported prediction_type {prediction_type!r} in the noise scheduler config")
         prediction = self._unet(noisy, timesteps, prompt_states)
         loss_ldm = F.mse_loss(prediction.float(), target.float())
-        loss_reg = self.regularization(tokens, scales, z_q)
+        dropped = batch.get("subject_dropped")
+        rows = None if self.reg_on_dropped_subjects or dropped is None else ~dropped.to(tokens.device, torch.bool)
+        loss_reg = self.regularization(tokens, scales, z_q, rows)
         return {"loss": loss_ldm + self.tau * loss_reg, "loss_ldm": loss_ldm.detach(), "loss_reg": loss_reg.detach()}
 
     # ------------------------------------------------------------------ sampling
@@ -294,7 +328,7 @@ class SSRTrainingCore(nn.Module):
         previous_scale = self.attention.scale
         try:
             self.attention.scale = subject_scale
-            self.set_subject_context(torch.cat([subject, uncond.expand(n, -1, -1)]))
+            self.set_subject_context(torch.cat([subject, uncond.expand(n, -1, -1) if len(uncond) == 1 else uncond]))
             both_text = torch.cat([cond_text, uncond_text])
             for t in scheduler.timesteps:
                 x = scheduler.scale_model_input(torch.cat([latents, latents]), t)

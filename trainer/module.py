@@ -13,6 +13,7 @@ from ssr.layers import FAMILIES
 
 from .core import LatentCache, SSRTrainingCore, new_ssr_weights, vae_identity
 from .losses import DEFAULT_TAU
+from .lr_schedule import check_schedule, lr_factor
 from .sd_loading import load_stable_diffusion
 
 TRAINABLE_PREFIX = "core.ssr."
@@ -41,8 +42,13 @@ class SSRTrainingModule(pl.LightningModule):
         tau: Optional[float] = None,
         single_scale_steps: int = 0,
         learning_rate: float = 5e-5,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        lr_warmup_steps: int = 0,
+        lr_schedule_steps: Optional[int] = None,
+        lr_min_factor: float = 0.0,
         betas: Tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.01,
+        reg_on_dropped_subjects: bool = False,
         gradient_checkpointing: bool = False,
         cache_latents: bool = False,
         latent_cache_dir: Optional[str] = None,
@@ -78,9 +84,19 @@ class SSRTrainingModule(pl.LightningModule):
                 single-scale (every one of the 6 scales is fed the last CLIP scale z_6), the
                 rest multi-scale (z_1..z_6), continuing from the stage-one weights. 0: multi-
                 scale from the start. Paper: 1 M single-scale steps, then 100 k multi-scale.
-            learning_rate: AdamW learning rate (constant schedule). Paper: 5e-5.
+            learning_rate: AdamW learning rate (the peak, with a warm-up or cosine). Paper: 5e-5.
+            lr_schedule: "constant" (the paper's) or "cosine" (from learning_rate after the
+                warm-up down to lr_min_factor * learning_rate at lr_schedule_steps).
+            lr_warmup_steps: Linear warm-up over this many optimizer steps (0: none, the paper's).
+            lr_schedule_steps: Length of the cosine in optimizer steps (default:
+                trainer.max_steps); after it the rate stays at its floor.
+            lr_min_factor: Floor of the cosine as a fraction of learning_rate.
             betas: AdamW betas.
             weight_decay: AdamW weight decay.
+            reg_on_dropped_subjects: Also apply L_reg to rows whose subject was dropped (zero
+                CLIP input, "" query). Off (default): there z_q is the empty text's embedding,
+                and L_reg would pull the unconditional subject embedding, CFG's negative,
+                towards it; those rows then train through L_LDM only.
             gradient_checkpointing: Recompute UNet activations in the backward pass (diffusers'
                 gradient checkpointing): much less memory, about 35% slower.
             cache_latents: Keep VAE latent distributions of the SD views (keyed by sample key
@@ -108,6 +124,7 @@ class SSRTrainingModule(pl.LightningModule):
             raise ValueError(f"regularizer must be 'reference' or 'paper', got {regularizer!r}")
         if single_scale_steps < 0:
             raise ValueError(f"single_scale_steps must be >= 0, got {single_scale_steps}")
+        check_schedule(lr_schedule, lr_warmup_steps, lr_min_factor, lr_schedule_steps)
         if latent_cache_dir and not cache_latents:
             raise ValueError("latent_cache_dir is set but cache_latents is false; set cache_latents: true")
         self.tau = DEFAULT_TAU[regularizer] if tau is None else float(tau)
@@ -122,7 +139,8 @@ class SSRTrainingModule(pl.LightningModule):
         cache = None
         if cache_latents:
             cache = LatentCache(vae_identity(sd.vae), latent_cache_items, latent_cache_dir)
-        self.core = SSRTrainingCore(sd, image_encoder, ssr_weights, regularizer, self.tau, cache)
+        self.core = SSRTrainingCore(sd, image_encoder, ssr_weights, regularizer, self.tau, cache,
+                                    reg_on_dropped_subjects=reg_on_dropped_subjects)
         if gradient_checkpointing:
             self.core.unet.enable_gradient_checkpointing()
         self.base_model_name = sd.source
@@ -145,7 +163,24 @@ class SSRTrainingModule(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.core.ssr.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=hp.learning_rate, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        return torch.optim.AdamW(params, lr=self.learning_rate_at(0), betas=tuple(hp.betas),
+                                 weight_decay=hp.weight_decay)
+
+    def learning_rate_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0 = the first update)."""
+        hp = self.hparams
+        total = hp.lr_schedule_steps
+        if total is None and self._trainer is not None and self.trainer.max_steps and self.trainer.max_steps > 0:
+            total = self.trainer.max_steps
+        return hp.learning_rate * lr_factor(step, hp.lr_schedule, hp.lr_warmup_steps, total, hp.lr_min_factor)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # The rate of this step from the configuration (model.lr_*), also right after
+        # a resume, where the optimizer state restored the rate of the old run.
+        rate = self.learning_rate_at(self.global_step)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        self.log("train/lr", rate, batch_size=1)
 
     # ------------------------------------------------------------------ steps
     def _generator(self, device: torch.device, *stream: int) -> torch.Generator:
@@ -157,7 +192,7 @@ class SSRTrainingModule(pl.LightningModule):
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
         accumulation = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-        generator = self._generator(batch["pixel_values"].device, 0, self.global_step, batch_idx % accumulation)
+        generator = self._generator(batch["clip_pixel_values"].device, 0, self.global_step, batch_idx % accumulation)
         out = self.core.losses(batch, generator, single_scale=self.single_scale())
         size = len(batch["prompt"])
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=size)
@@ -177,7 +212,7 @@ class SSRTrainingModule(pl.LightningModule):
 
     def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
         # Fixed noise and timesteps per validation batch, so values are comparable over time.
-        generator = self._generator(batch["pixel_values"].device, 1, batch_idx)
+        generator = self._generator(batch["clip_pixel_values"].device, 1, batch_idx)
         out = self.core.losses(batch, generator, single_scale=self.single_scale())
         self.core.set_subject_context(None)
         size = len(batch["prompt"])
@@ -208,6 +243,9 @@ class SSRTrainingModule(pl.LightningModule):
             "regularizer": hp.regularizer, "tau": str(self.tau),
             "single_scale_steps": str(hp.single_scale_steps),
             "optimizer": f"AdamW lr={hp.learning_rate} betas={tuple(hp.betas)} weight_decay={hp.weight_decay}",
+            "lr_schedule": f"{hp.lr_schedule} warmup={hp.lr_warmup_steps}" + (
+                f" steps={hp.lr_schedule_steps} min_factor={hp.lr_min_factor}" if hp.lr_schedule == "cosine" else ""),
+            "reg_on_dropped_subjects": str(hp.reg_on_dropped_subjects),
         }
         if trainer is not None:
             meta.update(steps=str(self.global_step), epoch=str(self.current_epoch),

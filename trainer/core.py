@@ -237,15 +237,17 @@ class SSRTrainingCore(nn.Module):
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return (mean + std * noise) * self.vae.config.scaling_factor
 
-    def subject_tokens(self, z_q: torch.Tensor, clip_pixel_values: torch.Tensor, single_scale: bool = False
-                       ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """z_q [B, 77, D], clip_pixel_values [B, 3, S, S] -> (c_s [B, 462, D], out_1..out_6 [B, 77, D])."""
+    def subject_tokens(self, z_q: torch.Tensor, clip_pixel_values: torch.Tensor, single_scale: bool = False,
+                       logit_bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """z_q [B, 77, D], clip_pixel_values [B, 3, S, S] -> (c_s [B, 462, D], out_1..out_6 [B, 77, D]).
+        logit_bias [B, 257]: mask queries' aligner bias (ssr.mask_logit_bias), or None."""
         with torch.no_grad():
             states = self.image_encoder(clip_pixel_values)
         if single_scale:
             states = [states[-1]] * len(states)
         dtype = self.ssr.encoder.to_q.weight.dtype
-        tokens, _, scales = self.ssr.encoder(z_q.to(dtype), [s.to(dtype) for s in states], return_scales=True)
+        tokens, _, scales = self.ssr.encoder(z_q.to(dtype), [s.to(dtype) for s in states], return_scales=True,
+                                             logit_bias=None if logit_bias is None else logit_bias.to(dtype))
         return tokens, scales
 
     def regularization(self, tokens: torch.Tensor, scales: Sequence[torch.Tensor], z_q: torch.Tensor,
@@ -306,20 +308,26 @@ class SSRTrainingCore(nn.Module):
     @torch.no_grad()
     def generate(self, clip_pixel_values: torch.Tensor, queries: Sequence[str], prompts: Sequence[str],
                  generator: torch.Generator, height: int, width: int, steps: int = 30,
-                 guidance_scale: float = 7.5, subject_scale: float = 1.0) -> torch.Tensor:
+                 guidance_scale: float = 7.5, subject_scale: float = 1.0,
+                 logit_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Images of the subjects in ``clip_pixel_values`` [N, 3, C, C] (with their queries)
         following ``prompts`` -> [N, 3, height, width] in [0, 1]. DDIM, classifier-free guidance
         whose unconditional rows use "" and the unconditional subject (zero CLIP input, ""
-        query), as at inference."""
+        query), as at inference. ``logit_bias`` [N, 257]: mask queries (ssr.mask_logit_bias);
+        the unconditional subject gets the same bias, as at inference (docs/method.md, section 5)."""
         from diffusers import DDIMScheduler
 
         n = len(prompts)
         device = clip_pixel_values.device
         text = self.encode_texts(list(prompts) + [""])
         cond_text, uncond_text = text[:n], text[n:].expand(n, -1, -1)
-        subject, _ = self.subject_tokens(self.encode_texts(list(queries)), clip_pixel_values)
+        subject, _ = self.subject_tokens(self.encode_texts(list(queries)), clip_pixel_values, logit_bias=logit_bias)
         size = clip_pixel_values.shape[-1]
-        uncond, _ = self.subject_tokens(self.encode_texts([""]), unconditional_pixels(1, size).to(device))
+        if logit_bias is None:
+            uncond, _ = self.subject_tokens(self.encode_texts([""]), unconditional_pixels(1, size).to(device))
+        else:
+            uncond, _ = self.subject_tokens(self.encode_texts([""] * n), unconditional_pixels(n, size).to(device),
+                                            logit_bias=logit_bias)
         scheduler = DDIMScheduler.from_config(self.noise_scheduler.config)
         scheduler.set_timesteps(steps, device=device)
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)

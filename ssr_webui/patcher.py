@@ -1,4 +1,4 @@
-"""The subject branch through the UNet patcher of Forge and reForge (docs/webui-host-notes.md).
+"""The subject branch through the UNet patcher of Forge and reForge (docs/webui-host-notes.md, section 9).
 
 Both forks sample through a "UNet patcher" (``sd_model.forge_objects.unet``): extensions
 clone it in ``process_before_every_sampling`` and register attention patches on the clone.

@@ -235,6 +235,25 @@ def _check_mask(mask: np.ndarray, image: Image.Image, name: str) -> None:
 
 # ----------------------------------------------------------------------------- subjects
 
+def editor_image_and_mask(value: dict):
+    """gradio 4's ``ImageEditor`` value ``{"background", "layers", "composite"}`` -> (the
+    uploaded image, the strokes painted over it as a white-on-black mask, or None when no
+    stroke was painted). Any painted pixel (alpha > 0 in any layer) selects."""
+    background = value.get("background")
+    layers = [layer for layer in (value.get("layers") or []) if layer is not None]
+    if background is None or not layers:
+        return background, None
+    alpha = None
+    for layer in layers:
+        if not isinstance(layer, Image.Image):
+            continue
+        a = layer.convert("RGBA").getchannel("A")
+        alpha = a if alpha is None else Image.fromarray(np.maximum(np.asarray(alpha), np.asarray(a)))
+    if alpha is None:
+        return background, None
+    return background, alpha.point(lambda v: 255 if v > 0 else 0)
+
+
 def parse_subject(image_value: Any, query: Any, weight: Any, mask_weight: Any, *, mask_value: Any = None,
                   prefix: FieldNamer, slot: int, explicit_mask: bool = False) -> Optional[SubjectRequest]:
     """One slot / subject dict -> SubjectRequest, or None for an empty slot.
@@ -248,6 +267,8 @@ def parse_subject(image_value: Any, query: Any, weight: Any, mask_weight: Any, *
     field_of = prefix if callable(prefix) else (lambda key, _prefix=prefix: f"{_prefix}{key}")
     image_field = field_of("image")
     sketch_mask = None
+    if isinstance(image_value, dict) and "background" in image_value:  # gradio 4's ImageEditor (Forge)
+        image_value, sketch_mask = editor_image_and_mask(image_value)
     if isinstance(image_value, dict):
         unknown = sorted(set(image_value) - {"image", "mask"})
         if unknown:

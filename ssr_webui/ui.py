@@ -1,4 +1,5 @@
-"""The "SSR-Encoder" accordion (gradio 3.41.2, as the WebUI pins it).
+"""The "SSR-Encoder" accordion (gradio 3.41.2 as the WebUI and reForge pin it; gradio 4.40 in
+Forge, where each reference image is an ``ImageEditor`` whose painted strokes are the mask).
 
 ``build`` returns the controls whose values become the script's positional arguments, in
 the order ``request.parse_positional_args`` reads them, plus the infotext pairs. It creates
@@ -41,8 +42,9 @@ def _choices(runtime) -> Tuple[List[str], List[str]]:
 
 def _image_component(slot: int, elem_id: str):
     label = f"Subject {slot + 1} image (draw over the subject to select it by mask)"
-    if GRADIO_MAJOR >= 4:  # Forge: no sketch tool; a mask cannot be drawn there
-        return gr.Image(label=label, type="pil", elem_id=elem_id)
+    if GRADIO_MAJOR >= 4:  # Forge: gradio 4 has no sketch tool; its ImageEditor paints layers over the upload
+        return gr.ImageEditor(label=label, type="pil", sources=["upload", "clipboard"], transforms=[],
+                              brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), elem_id=elem_id)
     return gr.Image(label=label, source="upload", tool="sketch", type="pil", brush_radius=24, brush_color="#ffffff",
                     mask_opacity=0.55, height=320, elem_id=elem_id)
 
@@ -68,9 +70,6 @@ def build(script, runtime):
                               value=DEFAULTS["start"], elem_id=eid("start"))
             end = gr.Slider(label="End at (fraction of steps)", minimum=0.0, maximum=1.0, step=0.01,
                             value=DEFAULTS["end"], elem_id=eid("end"))
-        if GRADIO_MAJOR >= 4:
-            gr.Markdown("This UI's gradio has no sketch tool: masks cannot be drawn here, use text queries "
-                        "(or send masks over the API).")
         slot_controls = []
         with gr.Tabs(elem_id=eid("slots")):
             for i in range(slots):

@@ -193,6 +193,22 @@ def resize_shortest_and_crop(image: Image.Image, size: int, resample=Image.BICUB
     return image.crop((left, top, left + size, top + size))
 
 
+def clip_view_pixels(image: ImageLike, size: int = 224, what: str = "image") -> torch.Tensor:
+    """One image -> its CLIP view before normalisation: [3, size, size] uint8 (RGB,
+    transparency over white, bicubic shortest-side resize, centre crop)."""
+    rgb = resize_shortest_and_crop(to_pil_rgb(image, what=what), size)
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def clip_normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 CLIP views [..., 3, S, S] -> float32 [..., 3, S, S], CLIP-normalised: rescale by
+    1/255 in float64, then float32 (the processor's rescale, bit for bit), then mean/std."""
+    scaled = (pixels.to(torch.float64) * (1.0 / 255.0)).to(torch.float32)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (scaled - mean) / std
+
+
 def clip_preprocess(images: Union[ImageLike, Sequence[ImageLike]], size: int = 224) -> torch.Tensor:
     """Images of any size and mode -> [B, 3, size, size] float32, CLIP-normalised.
 
@@ -202,18 +218,10 @@ def clip_preprocess(images: Union[ImageLike, Sequence[ImageLike]], size: int = 2
     """
     if isinstance(images, (Image.Image, np.ndarray)) or (isinstance(images, torch.Tensor) and images.ndim == 3):
         images = [images]
-    out = []
-    for i, image in enumerate(images):
-        rgb = resize_shortest_and_crop(to_pil_rgb(image, what=f"image {i}"), size)
-        # uint8 * (1/255) in float64, then float32: the processor's rescale, bit for bit
-        pixels = (np.asarray(rgb, dtype=np.float64) * (1.0 / 255.0)).astype(np.float32)
-        out.append(torch.from_numpy(pixels).permute(2, 0, 1))
-    if not out:
+    views = [clip_view_pixels(image, size, what=f"image {i}") for i, image in enumerate(images)]
+    if not views:
         raise ValueError("clip_preprocess: no images given")
-    batch = torch.stack(out)
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (batch - mean) / std
+    return clip_normalize(torch.stack(views))
 
 
 def unconditional_pixels(batch: int = 1, size: int = 224) -> torch.Tensor:

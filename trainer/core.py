@@ -121,13 +121,20 @@ class LatentCache:
         return entry
 
 
-def vae_identity(vae: nn.Module) -> str:
-    """A short id of the VAE's weights, so a disk cache is never shared between VAEs."""
+def weights_identity(module: nn.Module, label: str) -> str:
+    """A short id of a frozen model's weights (its first and last 4 tensors, as float32),
+    so caches and precomputed shards are never used with another model."""
     h = hashlib.sha1()
-    for name, tensor in list(vae.state_dict().items())[:4] + list(vae.state_dict().items())[-4:]:
+    items = list(module.state_dict().items())
+    for name, tensor in items[:4] + items[-4:]:
         h.update(name.encode())
         h.update(tensor.detach().float().cpu().numpy().tobytes())
-    return "vae-" + h.hexdigest()[:12]
+    return f"{label}-" + h.hexdigest()[:12]
+
+
+def vae_identity(vae: nn.Module) -> str:
+    """A short id of the VAE's weights, so a disk cache is never shared between VAEs."""
+    return weights_identity(vae, "vae")
 
 
 class SSRTrainingCore(nn.Module):

@@ -160,8 +160,14 @@ class SampleTransform:
         self.clip_resolution = clip_resolution
         self.thresholds = np.array([flip_prob, prompt_dropout, subject_dropout], dtype=np.float64)
 
-    def __call__(self, image: Image.Image, caption: str, query: str, rng: np.random.Generator) -> Dict[str, Any]:
+    def draw(self, rng: np.random.Generator) -> Tuple[bool, bool, bool]:
+        """-> (flip, drop_prompt, drop_subject) for one sample (the precomputed-shard reader
+        draws through this too, so both data paths see the same augmentation per seed)."""
         flip, drop_prompt, drop_subject = (rng.random(3) < self.thresholds).tolist()
+        return flip, drop_prompt, drop_subject
+
+    def __call__(self, image: Image.Image, caption: str, query: str, rng: np.random.Generator) -> Dict[str, Any]:
+        flip, drop_prompt, drop_subject = self.draw(rng)
         pixel_values = sd_view(image, self.resolution)
         if drop_subject:
             clip_pixel_values = torch.zeros(3, self.clip_resolution, self.clip_resolution)
@@ -446,8 +452,9 @@ class WebDatasetImageText(IterableDataset):
         self._pass_size: Optional[int] = None  # samples in one pass over this worker's shards
         consecutive_skips = 0
         for pass_number, raw in stream:
+            rng = sample_rng(self.seed, self.epoch, pass_number, _crc(raw.get("__url__", "")), _crc(raw.get("__key__", "")))
             try:
-                image, caption, query = self.decode(raw)
+                sample = self.sample_from_raw(raw, rng)
             except SkipSample as skip:
                 self.skip_counter.add(skip)
                 consecutive_skips += 1
@@ -457,10 +464,14 @@ class WebDatasetImageText(IterableDataset):
                     raise RuntimeError(f"no usable samples in shards {self.shards} (last: {skip})") from skip
                 continue
             consecutive_skips = 0
-            rng = sample_rng(self.seed, self.epoch, pass_number, _crc(raw["__url__"]), _crc(raw["__key__"]))
-            sample = self.transform(image, caption, query, rng)
             sample["key"] = f"{raw['__url__']}/{raw['__key__']}"
             yield sample
+
+    def sample_from_raw(self, raw: Dict[str, Any], rng: np.random.Generator) -> Dict[str, Any]:
+        """One raw tar sample -> one training sample (``self.transform``); raises SkipSample.
+        Subclasses reading other shard layouts replace this."""
+        image, caption, query = self.decode(raw)
+        return self.transform(image, caption, query, rng)
 
 
 class EpochDataLoader(DataLoader):
@@ -537,6 +548,7 @@ class SubjectDataModule(pl.LightningDataModule):
         train_jsonl: Optional[str] = None,
         image_root: Optional[str] = None,
         train_shards: Optional[str] = None,
+        train_precomputed: Optional[str] = None,
         train_samples_per_epoch: Optional[int] = None,
         val_jsonl: Optional[str] = None,
         val_image_root: Optional[str] = None,
@@ -562,7 +574,12 @@ class SubjectDataModule(pl.LightningDataModule):
             train_shards: WebDataset shards as img2dataset writes them (key.jpg + key.txt
                 [+ key.json]); a brace pattern such as "/data/{00000..01023}.tar", URLs or
                 "pipe:" commands; several patterns joined with "::". Set this or train_jsonl.
-            train_samples_per_epoch: With train_shards: samples per epoch over all devices;
+            train_precomputed: Shards written by ``python -m trainer.precompute`` (VAE latents
+                of both flips, CLIP views, optionally text embeddings; precompute.json beside
+                them), e.g. "/data/precomputed/{00000..00999}.tar": training then decodes no
+                image and runs no VAE. Read like train_shards (streamed, dealt to devices).
+                Set one of train_jsonl, train_shards, train_precomputed.
+            train_samples_per_epoch: With train_shards or train_precomputed: samples per epoch over all devices;
                 the shards are then read round and round and every epoch has the same
                 number of batches (needed with more than one device). Unset: one pass over
                 the shards is one epoch (one device only).
@@ -586,8 +603,8 @@ class SubjectDataModule(pl.LightningDataModule):
                 guarding against decompression bombs.
         """
         super().__init__()
-        if train_jsonl is not None and train_shards is not None:
-            raise ValueError("set either train_jsonl or train_shards, not both")
+        if sum(x is not None for x in (train_jsonl, train_shards, train_precomputed)) > 1:
+            raise ValueError("set one of train_jsonl, train_shards, train_precomputed, not several")
         if val_jsonl is not None and val_shards is not None:
             raise ValueError("set either val_jsonl or val_shards, not both")
         for name, p in (("prompt_dropout", prompt_dropout), ("subject_dropout", subject_dropout),
@@ -602,10 +619,16 @@ class SubjectDataModule(pl.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        if train_samples_per_epoch is not None and (train_shards is None or train_samples_per_epoch < 1):
-            raise ValueError("train_samples_per_epoch must be a positive number and applies to train_shards only")
+        if train_samples_per_epoch is not None and (train_jsonl is not None or train_samples_per_epoch < 1):
+            raise ValueError("train_samples_per_epoch must be a positive number and applies to train_shards / "
+                             "train_precomputed only")
         self.save_hyperparameters()
-        self.train_jsonl, self.image_root, self.train_shards = train_jsonl, image_root, train_shards
+        # Precomputed shards stream like img2dataset shards: the shard logic below serves
+        # both, only the per-sample reading differs (trainer.precomputed_reader).
+        self.train_precomputed = train_precomputed is not None
+        self.precomputed_manifest: Optional[Dict[str, Any]] = None
+        self.train_jsonl, self.image_root = train_jsonl, image_root
+        self.train_shards = train_precomputed if train_precomputed is not None else train_shards
         self.train_samples_per_epoch = train_samples_per_epoch
         self.val_jsonl, self.val_shards = val_jsonl, val_shards
         self.val_image_root = val_image_root or image_root
@@ -656,6 +679,18 @@ class SubjectDataModule(pl.LightningDataModule):
 
     def _shards(self, pattern: str, train: bool) -> WebDatasetImageText:
         world_size, rank = self._devices()
+        if train and self.train_precomputed:
+            from .precomputed_reader import PrecomputedSampleTransform, PrecomputedShardDataset, precomputed_manifest
+
+            shards = expand_shards(pattern)
+            self.precomputed_manifest = precomputed_manifest(shards, self.hparams.resolution,
+                                                             self.hparams.clip_resolution)
+            dataset = PrecomputedShardDataset(
+                shards, PrecomputedSampleTransform(self.train_transform), self.seed,
+                shuffle_buffer=self.shuffle_buffer, shuffle=True, num_replicas=world_size, rank=rank,
+                cycle=self.train_samples_per_epoch is not None, skip_counter=self.train_skips)
+            dataset.restart = self._webdataset_restarts
+            return dataset
         dataset = WebDatasetImageText(
             expand_shards(pattern), self.train_transform if train else self.val_transform, self.seed,
             self.max_image_pixels, shuffle_buffer=self.shuffle_buffer, shuffle=train, num_replicas=world_size,
@@ -667,7 +702,7 @@ class SubjectDataModule(pl.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit"):
             if self.train_jsonl is None and self.train_shards is None:
-                raise ValueError("SubjectDataModule: set train_jsonl or train_shards for training")
+                raise ValueError("SubjectDataModule: set train_jsonl, train_shards or train_precomputed for training")
             if self.train_jsonl is not None:
                 self.train_dataset = self._jsonl(self.train_jsonl, self.image_root, train=True)
             else:
@@ -682,8 +717,8 @@ class SubjectDataModule(pl.LightningDataModule):
             elif self.val_shards is not None:
                 self.val_dataset = self._shards(self.val_shards, train=False)
 
-    def _loader_kwargs(self, batch_size: int) -> Dict[str, Any]:
-        return dict(batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate_samples,
+    def _loader_kwargs(self, batch_size: int, collate: Callable = collate_samples) -> Dict[str, Any]:
+        return dict(batch_size=batch_size, num_workers=self.num_workers, collate_fn=collate,
                     pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
@@ -709,8 +744,11 @@ class SubjectDataModule(pl.LightningDataModule):
                 raise ValueError(f"train_samples_per_epoch={self.train_samples_per_epoch} is less than one batch "
                                  f"of {self.batch_size} per device on {world_size} devices")
         # Workers are restarted each epoch (not persistent) so they see the new epoch.
+        collate = collate_samples
+        if self.train_precomputed:
+            from .precomputed_reader import collate_precomputed as collate
         return EpochDataLoader(dataset, epoch_fn=self._current_epoch if self.trainer is not None else None,
-                               max_batches=max_batches, **self._loader_kwargs(self.batch_size))
+                               max_batches=max_batches, **self._loader_kwargs(self.batch_size, collate))
 
     def val_dataloader(self) -> Union[DataLoader, List]:
         if self.val_dataset is None and (self.val_jsonl is not None or self.val_shards is not None):

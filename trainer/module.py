@@ -11,7 +11,7 @@ import torch
 from ssr import load_clip_image_encoder, load_ssr_weights
 from ssr.layers import FAMILIES
 
-from .core import LatentCache, SSRTrainingCore, new_ssr_weights, vae_identity
+from .core import LatentCache, SSRTrainingCore, new_ssr_weights, vae_identity, weights_identity
 from .losses import DEFAULT_TAU
 from .lr_schedule import check_schedule, lr_factor
 from .sd_loading import load_stable_diffusion
@@ -144,6 +144,9 @@ class SSRTrainingModule(pl.LightningModule):
         if gradient_checkpointing:
             self.core.unet.enable_gradient_checkpointing()
         self.base_model_name = sd.source
+        # Of the weights as loaded (fp32), before setup may cast them: precomputed shards
+        # record the same ids and must come from these models.
+        self.frozen_ids = {"vae": vae_identity(sd.vae), "text_encoder": weights_identity(sd.text_encoder, "text")}
         # Checkpoints carry only the trainable weights; the frozen ones come from the files.
         self.strict_loading = False
 
@@ -159,6 +162,21 @@ class SSRTrainingModule(pl.LightningModule):
             raise ValueError("frozen_dtype must be float32 (or auto) with FSDP: FSDP flattens frozen and trainable "
                              "parameters together and needs one dtype; its mixed precision casts for compute")
         self.core.set_frozen_dtype(getattr(torch, choice))
+        self._check_precomputed_data()
+
+    def _check_precomputed_data(self) -> None:
+        """Precomputed latents (and text embeddings) must come from this run's VAE (and text
+        encoder): other latents train silently against the wrong decoder."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        manifest = getattr(datamodule, "precomputed_manifest", None)
+        if not manifest:
+            return
+        for part, option in (("vae", "VAE"), ("text_encoder", "text encoder")):
+            made_with = manifest.get(part)
+            if made_with is not None and made_with != self.frozen_ids[part]:
+                raise ValueError(f"data.train_precomputed: the shards were precomputed with another {option} "
+                                 f"({made_with}, from {manifest.get('base_model')!r}) than model.pretrained_model "
+                                 f"has ({self.frozen_ids[part]}); precompute them with this model")
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -254,7 +272,7 @@ class SSRTrainingModule(pl.LightningModule):
             dm = trainer.datamodule
             if dm is not None:
                 dhp = getattr(dm, "hparams", {})
-                meta["data"] = str(dhp.get("train_jsonl") or dhp.get("train_shards") or "")
+                meta["data"] = str(dhp.get("train_jsonl") or dhp.get("train_shards") or dhp.get("train_precomputed") or "")
                 for key in ("batch_size", "resolution", "prompt_dropout", "subject_dropout"):
                     if key in dhp:
                         meta[key] = str(dhp[key])

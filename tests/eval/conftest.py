@@ -85,7 +85,7 @@ def multi_bench(tmp_path) -> MultiBench:
              "prompts": ["a dog on the beach", "a dog in the snow"]},
             {"name": "cat", "query": "the cat", "prompts": ["a cat on a sofa"]}]},
         {"id": "desk", "image": "images/desk.jpg", "prompts": ["a {label} in a kitchen"], "subjects": [
-            {"name": "mug", "query": "the mug"},
+            {"name": "mug", "query": "the mug", "label": "mug"},
             {"name": "lamp", "mask": "masks/desk_lamp.png", "label": "lamp", "prompts": ["a lamp at night"]},
             {"name": "book", "query": "the book", "label": "book"}]},
     ]

@@ -148,8 +148,9 @@ def load_scoring_models(args):
 
 def run_score(args, bench, images_dir: str) -> dict:
     from .reports import write_reports
-    from .scoring import bench_metrics, score_images
+    from .scoring import bench_metrics, find_generated_images, score_images
 
+    find_generated_images(bench, images_dir)  # a wrong folder is reported before models load
     models = load_scoring_models(args)
     rows = score_images(bench, images_dir, models)
     report_dir = args.report_dir or os.path.join(images_dir, "report")

@@ -8,6 +8,7 @@ callbacks, configured at top level:
   --samples.*     validation sample grids (SampleGrid)
   --throughput.*  samples/s in the progress bar (SamplesPerSecond)
   --checkpoint.*  Lightning checkpoints for resume (ModelCheckpoint)
+  --eval.*        CLIP-T / CLIP-I / DINO of a fixed eval set every N steps (EvalScores; off by default)
 ``seed_everything`` also seeds the data order/augmentation and the per-step noise.
 Resume: ``python -m trainer fit --config <same config> --ckpt_path <run>/checkpoints/last.ckpt``.
 """
@@ -22,6 +23,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from .callbacks import EMA, SampleGrid, SamplesPerSecond, SSRExport
 from .data import SubjectDataModule
+from .evaluation.training_callback import EvalScores
 from .module import SSRTrainingModule
 
 
@@ -37,6 +39,7 @@ class SSRTrainerCLI(LightningCLI):
         parser.add_lightning_class_args(SampleGrid, "samples")
         parser.add_lightning_class_args(SamplesPerSecond, "throughput")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(EvalScores, "eval")
         parser.set_defaults({
             "checkpoint.every_n_train_steps": 1000,
             "checkpoint.save_last": True,

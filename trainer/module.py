@@ -7,6 +7,7 @@ from typing import Any, Dict, Literal, Optional, Tuple
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from ssr import load_clip_image_encoder, load_ssr_weights
 from ssr.layers import FAMILIES
@@ -149,6 +150,7 @@ class SSRTrainingModule(pl.LightningModule):
         self.frozen_ids = {"vae": vae_identity(sd.vae), "text_encoder": weights_identity(sd.text_encoder, "text")}
         # Checkpoints carry only the trainable weights; the frozen ones come from the files.
         self.strict_loading = False
+        self._checkpoint_step = 0  # global_step of a loaded checkpoint (see trained_steps)
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -204,9 +206,18 @@ class SSRTrainingModule(pl.LightningModule):
     def _generator(self, device: torch.device, *stream: int) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(step_seed(self.hparams.seed, *stream, self.global_rank))
 
+    def trained_steps(self) -> int:
+        """Optimizer steps behind the current weights: the trainer's count while fitting; in
+        ``validate``/``test``, whose step count starts at 0, the step of the checkpoint given
+        as ``ckpt_path``."""
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            return self.global_step
+        return max(self.global_step, self._checkpoint_step)
+
     def single_scale(self) -> bool:
-        """Whether the current step belongs to stage one (single-scale) of the schedule."""
-        return self.global_step < self.hparams.single_scale_steps
+        """Whether the weights are in stage one (single-scale) of the schedule."""
+        return self.trained_steps() < self.hparams.single_scale_steps
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
         accumulation = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
@@ -248,6 +259,7 @@ class SSRTrainingModule(pl.LightningModule):
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trainable SSR tensors (e.g. {missing[:3]}); "
                            "was it written by this trainer with the same model sizes?")
+        self._checkpoint_step = int(checkpoint.get("global_step", 0))
 
     # ------------------------------------------------------------------ export
     def export_metadata(self) -> Dict[str, str]:

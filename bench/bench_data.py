@@ -13,7 +13,8 @@ cost depends only on sizes). Each loader is timed over whole batches after a war
 The raw path still has to run the VAE per step on the GPU; the shard path does not.
 
 Training part (``--train-step``, CUDA): SD1.5-size models with random weights, batch 16,
-bf16 autocast with bf16 frozen models (as ``frozen_dtype: auto``), AdamW on the trainable
+bf16 autocast with bf16 frozen models (as ``frozen_dtype: auto``; ``--frozen_dtype float32``
+keeps them fp32), AdamW on the trainable
 weights: (a) the step alone on one batch already on the GPU, VAE encode included (raw) or
 not (precomputed latents); (b) the step fed by each loader with ``--workers`` processes,
 batches copied to the GPU as training does: samples/s end to end. The loader is not the
@@ -157,7 +158,7 @@ def train_step_table(args, raw_source: dict, shard_source: dict) -> None:
         weights = new_ssr_weights(sd.unet, sd.text_encoder.config.hidden_size, clip.config.width)
     core = SSRTrainingCore(sd, clip, weights).to(device)
     if not args.tiny:
-        core.set_frozen_dtype(torch.bfloat16)
+        core.set_frozen_dtype(getattr(torch, args.frozen_dtype))
     core.train()
     autocast = contextlib.nullcontext if args.tiny else (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -205,7 +206,7 @@ def train_step_table(args, raw_source: dict, shard_source: dict) -> None:
         rows.append((label, str(args.workers), args.batch * args.steps / (time.perf_counter() - start)))
         del iterator
     where = "tiny models, CPU fp32 (smoke mode)" if args.tiny else \
-        f"SD1.5 size, {torch.cuda.get_device_name(device)}, bf16 autocast, frozen bf16"
+        f"SD1.5 size, {torch.cuda.get_device_name(device)}, bf16 autocast, frozen {args.frozen_dtype}"
     print(f"\ntraining step, {where}, batch {args.batch}, {args.steps} timed steps after {args.warmup}")
     print(f"| {'variant':<36} | workers | samples/s |")
     print(f"|{'-' * 38}|---------|-----------|")
@@ -226,6 +227,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=8, help="loader workers feeding the training step")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per variant")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--frozen_dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="dtype of the frozen models in the training step (bfloat16: frozen_dtype auto under "
+                             "bf16-mixed)")
     parser.add_argument("--tiny", action="store_true", help="--train-step with tiny models on CPU (smoke mode)")
     args = parser.parse_args(argv)
     width, height = (int(x) for x in args.image_size.lower().split("x"))

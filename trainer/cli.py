@@ -31,6 +31,7 @@ from .data import SubjectDataModule
 from .evaluation.training_callback import EvalScores
 from .interrupt import StopOnSignal
 from .module import SSRTrainingModule
+from .preflight import problems as preflight_problems
 from .resume import changed_settings, checkpoint_contents, continue_in_run_folder, earlier_metrics, refused_changes
 
 
@@ -79,6 +80,11 @@ class SSRTrainerCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.config["subcommand"]]
+        if self.config["subcommand"] in ("fit", "validate"):
+            # Before any model is loaded (that is what instantiating the classes does).
+            found = preflight_problems(config.as_dict(), self.config["subcommand"])
+            if found:
+                _refuse("the configuration has problems (nothing was loaded yet):\n  " + "\n  ".join(found))
         if self.config["subcommand"] == "fit" and config.get("ckpt_path"):
             loggers = config["trainer"].get("logger")
             loggers = loggers if isinstance(loggers, list) else [loggers]

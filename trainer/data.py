@@ -307,21 +307,32 @@ class JsonlImageTextDataset(Dataset):
 
     def __getitem__(self, item: Union[int, Tuple[int, int]]) -> Dict[str, Any]:
         epoch, index = item if isinstance(item, tuple) else (0, item)
-        reasons: List[str] = []
-        for attempt in range(MAX_CONSECUTIVE_SKIPS):
+        skips: List[SkipSample] = []
+        # A file shorter than the limit is tried once per row, not round and round.
+        for attempt in range(min(MAX_CONSECUTIVE_SKIPS, len(self))):
             row = (index + attempt) % len(self)
             try:
                 image, caption, query, file_name = self.read_row(row)
             except SkipSample as skip:
                 self.skip_counter.add(skip)
-                reasons.append(skip.reason)
+                skips.append(skip)
                 continue
             sample = self.transform(image, caption, query, sample_rng(self.seed, epoch, row))
             sample["key"] = file_name
             return sample
-        raise RuntimeError(
-            f"{self.jsonl_path}: {MAX_CONSECUTIVE_SKIPS} consecutive unusable rows from row {index} "
-            f"(reasons {dict(Counter(reasons))}); check image_root={self.image_root!r} and the file")
+        raise RuntimeError(unusable_rows_message(self, index, skips))
+
+
+def unusable_rows_message(dataset: "JsonlImageTextDataset", first_row: int, skips: Sequence[SkipSample]) -> str:
+    """What is wrong when ``skips`` (consecutive, from ``first_row``) left no usable row."""
+    reasons = ", ".join(f"{reason} x{count}" for reason, count in Counter(s.reason for s in skips).items())
+    if len(skips) >= len(dataset):
+        what = f"none of its {len(dataset)} rows is usable ({reasons})"
+    else:
+        what = f"{len(skips)} consecutive unusable rows from row {first_row} ({reasons})"
+    hint = f"file_name is relative to image_root={dataset.image_root!r}" if any(
+        s.reason == "missing_file" for s in skips) else "see docs/training.md, Data"
+    return f"{dataset.jsonl_path}: {what}; the first: {skips[0]}; {hint}"
 
 
 # ----------------------------------------------------------------------------- WebDataset (streamed)

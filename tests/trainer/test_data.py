@@ -369,7 +369,7 @@ def test_configuration_errors_name_the_problem(tiny_jsonl, tiny_shards, tmp_path
     (tmp_path / "empty").mkdir()
     dm = make_dm(train_jsonl=str(tiny_jsonl.jsonl), image_root=str(tmp_path / "empty"))
     dm.setup("fit")
-    with pytest.raises(RuntimeError, match="consecutive unusable rows .* check image_root"):
+    with pytest.raises(RuntimeError, match="none of its 14 rows is usable .* file_name is relative to image_root"):
         dm.train_dataset[0]
 
 

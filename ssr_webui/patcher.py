@@ -27,8 +27,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-_LAYER_NAME = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)\.\d+\.transformer_blocks\.(\d+)\.attn2$")
-_BLOCK = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
+_LAYER_NAME = re.compile(r"^(?:(input_blocks|output_blocks)\.(\d+)|(middle_block))\.\d+\.transformer_blocks\.(\d+)\.attn2$")
+_BLOCK = {"input_blocks": "input", "output_blocks": "output"}
 
 
 def layer_key(name: str) -> Tuple[str, int, int]:
@@ -38,8 +38,9 @@ def layer_key(name: str) -> Tuple[str, int, int]:
     m = _LAYER_NAME.match(name)
     if m is None:
         raise ValueError(f"not an attn2 layer of the ldm UNet layout: {name}")
-    kind, number, transformer = _BLOCK[m.group(1)], int(m.group(2)), int(m.group(3))
-    return kind, (0 if kind == "middle" else number), transformer
+    if m.group(3):
+        return "middle", 0, int(m.group(4))
+    return _BLOCK[m.group(1)], int(m.group(2)), int(m.group(4))
 
 
 def unet_patcher(sd_model):

@@ -21,6 +21,18 @@ holds the hash of the inputs):
               in the WebUI's venv would upgrade h11 past its httpcore pin. The browser itself
               is Debian's ``chromium`` + ``chromium-driver`` (apt; .ci/run installs them).
 
+With ``--forks`` (or ``build(forks=True)``) also the two forks, for tests/realhost_forks:
+
+    reforge/, forge/            their source bundles, each with the five repositories/
+    reforge-venv/, forge-venv/  a Python 3.10 venv per fork, layered on venv/: a .pth file adds
+                                venv/'s site-packages *after* the fork venv's own, and the
+                                fork's requirements_versions.txt (torch dropped: both run on
+                                venv/'s torch 2.1.2) are installed into the fork venv, so its
+                                pins shadow venv/'s and venv/ itself is never changed
+    fork-models/                an SD1.5-sized random checkpoint (both forks find the
+                                architecture from tensor shapes) and the models beside it
+                                (make_fork_models.py)
+
 The bundles come from ``../shared/hosts`` (``$SSR_HOSTS_DIR`` overrides).
 """
 from __future__ import annotations
@@ -235,7 +247,116 @@ def build_browser(part: Part) -> None:
     part.done()
 
 
-def build(check_only: bool = False) -> dict:
+# ------------------------------------------------------------------------------------ forks
+
+FORKS = {
+    "reforge": "stable-diffusion-webui-reForge.tar.gz",
+    "forge": "stable-diffusion-webui-forge.tar.gz",
+}
+# What each fork's requirements_versions.txt cannot give offline or leaves out.
+FORK_EXTRAS = {
+    "reforge": [],
+    "forge": ["huggingface-guess==0.1.0", "joblib"],
+}
+
+
+def fork_part(name: str) -> Part:
+    names = [FORKS[name]] + [n + ".tar.gz" for n in REPOSITORY_BUNDLES]
+    return Part(name, digest(name + "-v1", [(n, sha256_file(bundle(n))) for n in names]))
+
+
+def build_fork(part: Part, name: str) -> None:
+    part.begin()
+    log(f"unpacking {name} into {part.path}")
+    _untar(bundle(FORKS[name]), part.path)
+    for repo in REPOSITORY_BUNDLES:
+        _untar(bundle(repo), os.path.join(part.path, "repositories", repo))
+    part.done()
+
+
+def fork_requirements(fork: Part, name: str) -> list:
+    """The fork's pinned requirements without torch (venv/'s torch 2.1.2 is used), a git
+    URL replaced by the same version from the registry, plus FORK_EXTRAS."""
+    reqs = []
+    for line in open(os.path.join(fork.path, "requirements_versions.txt")):
+        line = line.split("#")[0].strip()
+        if not line or line.split("==")[0].strip().lower() in ("torch", "torchvision", "xformers"):
+            continue
+        if "://" in line:
+            base = line.rsplit("/", 1)[-1]
+            if base.startswith("pydantic-"):
+                line = "pydantic==" + base.split("-")[1]
+            else:
+                continue
+        reqs.append(line)
+    return reqs + FORK_EXTRAS[name]
+
+
+def site_packages(venv: str) -> str:
+    return glob.glob(os.path.join(venv, "lib", "python3*", "site-packages"))[0]
+
+
+def fork_venv_part(name: str, fork: Part, venv: Part) -> Part:
+    return Part(name + "-venv", digest(name + "-venv-v1", venv.key, fork_requirements(fork, name)))
+
+
+def build_fork_venv(part: Part, name: str, fork: Part, venv: Part) -> None:
+    part.begin()
+    log(f"creating {name}'s venv in {part.path}, layered on {venv.path}")
+    subprocess.run([python310(), "-m", "venv", part.path], check=True)
+    with open(os.path.join(site_packages(part.path), "zz_realhost_base.pth"), "w") as f:
+        f.write(f"import site; site.addsitedir({site_packages(venv.path)!r})\n")
+    pip(part.path, *fork_requirements(fork, name))
+    freeze = subprocess.run([os.path.join(part.path, "bin", "python"), "-m", "pip", "freeze", "--local"],
+                            capture_output=True, text=True, check=True).stdout
+    with open(os.path.join(part.path, "freeze.txt"), "w") as f:
+        f.write(freeze)
+    part.done()
+
+
+FORK_MODEL_INPUTS = ("tests/realhost/make_fork_models.py", "tests/tiny_models.py", "ssr/weights.py", "ssr/layers.py",
+                     "ssr/subject_encoder.py")
+
+
+def fork_models_part(venv: Part, webui: Part) -> Part:
+    return Part("fork-models", digest("fork-models-v1", venv.key, webui.key,
+                                      [sha256_file(os.path.join(REPO, p)) for p in FORK_MODEL_INPUTS]))
+
+
+def build_fork_models(part: Part, venv: Part, webui: Part) -> None:
+    part.begin()
+    log(f"writing the forks' random SD1.5 models into {part.path}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([
+        REPO, webui.path, os.path.join(webui.path, "repositories", "stable-diffusion-stability-ai")]))
+    subprocess.run([os.path.join(venv.path, "bin", "python"), os.path.join(HERE, "make_fork_models.py"), part.path],
+                   check=True, env=env, cwd=REPO)
+    part.done()
+
+
+def build_forks(info: dict, check_only: bool = False) -> dict:
+    webui, venv = webui_part(), venv_part(webui_part())
+    models = fork_models_part(venv, webui)
+    if not models.current():
+        if check_only:
+            raise SystemExit(1)
+        build_fork_models(models, venv, webui)
+    info["fork_models"] = models.path
+    for name in FORKS:
+        fork = fork_part(name)
+        if not fork.current():
+            if check_only:
+                raise SystemExit(1)
+            build_fork(fork, name)
+        fvenv = fork_venv_part(name, fork, venv)
+        if not fvenv.current():
+            if check_only:
+                raise SystemExit(1)
+            build_fork_venv(fvenv, name, fork, venv)
+        info[name] = {"root": fork.path, "python": os.path.join(fvenv.path, "bin", "python")}
+    return info
+
+
+def build(check_only: bool = False, forks: bool = False) -> dict:
     os.makedirs(CACHE, exist_ok=True)
     t0 = time.time()
     webui = webui_part()
@@ -263,6 +384,10 @@ def build(check_only: bool = False) -> dict:
             "browser_python": os.path.join(browser.path, "bin", "python")}
     with open(os.path.join(CACHE, "host.json"), "w") as f:
         json.dump(info, f, indent=1)
+    if forks:
+        info = build_forks(dict(info), check_only)
+        with open(os.path.join(CACHE, "forks.json"), "w") as f:
+            json.dump(info, f, indent=1)
     log(f"ready in {time.time() - t0:.0f} s: {json.dumps(info)}")
     return info
 
@@ -342,5 +467,6 @@ def host_env(info: dict, data_dir: str) -> dict:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check", action="store_true", help="exit 1 unless everything is built and current")
+    ap.add_argument("--forks", action="store_true", help="also Forge and reForge (writes forks.json)")
     args = ap.parse_args()
-    build(check_only=args.check)
+    build(check_only=args.check, forks=args.forks)

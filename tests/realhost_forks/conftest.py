@@ -1,0 +1,151 @@
+"""A real fork of the WebUI (reForge or Forge, from the source bundles) started in this process.
+
+Run in the fork's own venv (built by ``python3 tests/realhost/build_host.py --forks``), with
+``SSR_FORK`` naming the fork; ``bash tests/realhost_forks/run.sh`` does both forks:
+
+    SSR_REALHOST=1 SSR_FORK=reforge <cache>/reforge-venv/bin/python -m pytest tests/realhost_forks
+
+As for the WebUI (tests/realhost/conftest.py): a fresh ``--data-dir`` with this extension
+``git clone``d into its ``extensions/`` and the cached random models linked into ``models/``;
+the fork is started the way its ``webui.py --nowebui`` starts it (``initialize_forge()``,
+``initialize.imports()``, ``initialize.initialize()``, the FastAPI app with the fork's ``Api``,
+the ``app_started`` callbacks, its main-thread task loop) and driven through its HTTP API
+in-process. Nothing of the fork is imitated.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "realhost"))
+import build_host  # noqa: E402
+
+FORK = os.environ.get("SSR_FORK", "")
+INFO_PATH = os.path.join(build_host.CACHE, "forks.json")
+if FORK not in build_host.FORKS:
+    raise pytest.UsageError(f"set SSR_FORK to one of {sorted(build_host.FORKS)}")
+if not os.path.exists(INFO_PATH):
+    raise pytest.UsageError(f"the forks are not built: run `python3 tests/realhost/build_host.py --forks` ({INFO_PATH} missing)")
+INFO = json.load(open(INFO_PATH))
+FORK_INFO = INFO[FORK]
+_VENV = os.path.dirname(os.path.dirname(FORK_INFO["python"]))
+if os.path.realpath(sys.prefix) != os.path.realpath(_VENV):
+    raise pytest.UsageError(f"the {FORK} tests run in its venv: {FORK_INFO['python']} -m pytest tests/realhost_forks")
+
+CKPT = "sd15_random.safetensors"
+SSR_MODEL = "full_ssr.safetensors"
+CLIP = "clip_vision/tiny-clip-vit"
+
+DATA_DIR = tempfile.mkdtemp(prefix=f"ssr-{FORK}-")
+
+
+def make_data_dir(dest: str) -> str:
+    ext = os.path.join(dest, "extensions")
+    os.makedirs(ext, exist_ok=True)
+    build_host.clone_extension(os.path.join(ext, build_host.EXTENSION_NAME))
+    models = os.path.join(dest, "models")
+    os.makedirs(models, exist_ok=True)
+    for entry in os.listdir(INFO["fork_models"]):
+        os.symlink(os.path.join(INFO["fork_models"], entry), os.path.join(models, entry))
+    config = {"sd_model_checkpoint": CKPT, "live_previews_enable": False, "show_progress_every_n_steps": -1,
+              "samples_save": False, "grid_save": False, "enable_pnginfo": True, "sd_checkpoint_hash": ""}
+    with open(os.path.join(dest, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    return dest
+
+
+make_data_dir(DATA_DIR)
+os.environ.update({"HF_HOME": os.path.join(DATA_DIR, "hf_home"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                   "TOKENIZERS_PARALLELISM": "false"})
+EXTENSION_DIR = os.path.join(DATA_DIR, "extensions", build_host.EXTENSION_NAME)
+MODELS = os.path.join(DATA_DIR, "models")
+sys.path.insert(0, EXTENSION_DIR)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(DATA_DIR, ignore_errors=True)
+
+
+class Fork:
+    """The started fork: ``client`` (TestClient on its app), ``shared``, ``script`` (the loaded
+    SSR script module), ``name``."""
+
+    def __init__(self):
+        root = FORK_INFO["root"]
+        self.name = FORK
+        os.chdir(root)
+        sys.path.insert(0, root)
+        sys.argv = [os.path.join(root, "webui.py"), "--data-dir", DATA_DIR, "--skip-prepare-environment",
+                    "--skip-torch-cuda-test", "--use-cpu", "all", "--always-cpu", "--no-half",
+                    "--no-download-sd-model", "--skip-version-check", "--api", "--nowebui",
+                    "--ckpt", os.path.join(MODELS, "Stable-diffusion", CKPT)]
+        from modules_forge.initialization import initialize_forge
+
+        initialize_forge()
+        from modules import initialize
+
+        initialize.imports()
+        initialize.initialize()
+
+        from fastapi import FastAPI
+        from fastapi.testclient import TestClient
+        from modules import initialize_util, script_callbacks, scripts, shared
+        from modules.api.api import Api
+        from modules.call_queue import queue_lock
+        from modules_forge import main_thread
+
+        threading.Thread(target=main_thread.loop, daemon=True).start()
+        self.app = FastAPI()
+        initialize_util.setup_middleware(self.app)
+        self.api = Api(self.app, queue_lock)
+        script_callbacks.before_ui_callback()
+        script_callbacks.app_started_callback(None, self.app)
+        self.client = TestClient(self.app)
+        self.shared = shared
+        self.scripts = scripts
+        self.script = None
+        for data in scripts.scripts_data:
+            if os.path.realpath(data.path).startswith(os.path.realpath(EXTENSION_DIR)):
+                self.script = data.module
+        if self.script is None:
+            raise RuntimeError("the SSR-Encoder script was not loaded by the fork")
+
+    @property
+    def sd_model(self):
+        return self.shared.sd_model
+
+    @property
+    def unet(self):
+        """The UNet module both forks sample with (in the UNet patcher)."""
+        return self.sd_model.forge_objects.unet.model.diffusion_model
+
+    def post(self, route: str, payload: dict, status: int = 200) -> dict:
+        r = self.client.post(route, json=payload)
+        assert r.status_code == status, f"{route}: HTTP {r.status_code}: {r.text[:2000]}"
+        return r.json()
+
+    def txt2img(self, **payload) -> dict:
+        payload.setdefault("width", 64)
+        payload.setdefault("height", 64)
+        payload.setdefault("steps", 3)
+        payload.setdefault("sampler_name", "Euler")
+        payload.setdefault("cfg_scale", 5.0)
+        payload.setdefault("seed", 1234)
+        return self.post("/sdapi/v1/txt2img", payload)
+
+
+_FORK = {}
+
+
+@pytest.fixture(scope="session")
+def fork() -> Fork:
+    if "fork" not in _FORK:
+        _FORK["fork"] = Fork()
+    return _FORK["fork"]

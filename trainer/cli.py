@@ -20,9 +20,9 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Any, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
@@ -32,6 +32,7 @@ from .evaluation.training_callback import EvalScores
 from .interrupt import StopOnSignal
 from .module import SSRTrainingModule
 from .preflight import problems as preflight_problems
+from .progress import ProgressLog, StepProgressBar
 from .resume import changed_settings, checkpoint_contents, continue_in_run_folder, earlier_metrics, refused_changes
 
 
@@ -101,6 +102,7 @@ class SSRTrainerCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(EvalScores, "eval")
         parser.add_lightning_class_args(StopOnSignal, "stop_on_signal")
+        parser.add_lightning_class_args(ProgressLog, "progress")
         parser.set_defaults({
             "checkpoint.every_n_train_steps": 1000,
             "checkpoint.save_last": True,
@@ -144,6 +146,19 @@ class SSRTrainerCLI(LightningCLI):
                 out = csv.DictWriter(f, fieldnames=writer.metrics_keys)
                 out.writeheader()
                 out.writerows(rows)
+
+    def _instantiate_trainer(self, config: Dict[str, Any], callbacks: List[Any]):
+        # The step bar instead of Lightning's per-epoch bar, and no bar at all in a log file
+        # (progress.bar: null), where ProgressLog's lines say the same readably.
+        progress = next((c for c in callbacks if isinstance(c, ProgressLog)), None)
+        configured = list(callbacks) + list(config.get("callbacks") or [])
+        if (progress is not None and config.get("enable_progress_bar") is not False
+                and not any(isinstance(c, ProgressBar) for c in configured)):
+            if progress.show_bar():
+                callbacks = list(callbacks) + [StepProgressBar()]
+            else:
+                config = {**config, "enable_progress_bar": False}
+        return super()._instantiate_trainer(config, callbacks)
 
     def after_fit(self) -> None:
         stop = next((c for c in self.trainer.callbacks if isinstance(c, StopOnSignal)), None)

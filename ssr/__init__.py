@@ -12,7 +12,7 @@ Modules, one concern each:
 - ``attention``: the subject cross-attention branch, installed with hooks
 - ``weights``: SSR weight files (official pair, safetensors pair, our single file)
 - ``subjects``: user subjects -> cached subject/unconditional contexts
-- ``convert``: ``python -m ssr.convert`` writes our single file (and converts trusted TorchScript CLIP)
+- ``convert``: ``python -m ssr.convert`` converts between the three SSR weight formats (and trusted TorchScript CLIP)
 """
 from .attention import (IncompatibleUNetError, SubjectAttention, SubjectAttentionWeights,
                         install_subject_attention, installed_subject_attention)

@@ -8,6 +8,9 @@ Formats (recognised from the keys, never from file names):
   ...) + ``ssr_attentions.safetensors`` (same ``{i}.to_k_SSR.weight`` keys),
 - our single file: ``encoder.*`` + ``attention.{j}.to_k.weight`` (j = canonical position
   0..15) and metadata (format version, base family, layer widths, source).
+
+All three are read by ``load_ssr_weights`` and written by ``export_ssr_weights`` (the official
+pair with ``torch.save`` of plain tensors, readable with ``weights_only`` loading).
 """
 from __future__ import annotations
 

@@ -356,11 +356,15 @@ def test_oversized_images_are_skipped_unread(tiny_jsonl):
 
 
 def test_configuration_errors_name_the_problem(tiny_jsonl, tiny_shards, tmp_path):
-    with pytest.raises(ValueError, match="either train_jsonl or train_shards"):
+    with pytest.raises(ValueError, match="one of train_jsonl, train_shards, train_precomputed, not several"):
         make_dm(train_jsonl=str(tiny_jsonl.jsonl), train_shards=tiny_shards.pattern)
+    with pytest.raises(ValueError, match="one of train_jsonl, train_shards, train_precomputed, not several"):
+        make_dm(train_precomputed=tiny_shards.pattern, train_shards=tiny_shards.pattern)
+    with pytest.raises(ValueError, match="no precompute.json beside the shards"):  # img2dataset shards
+        make_dm(train_precomputed=tiny_shards.pattern).setup("fit")
     with pytest.raises(ValueError, match="prompt_dropout must be a probability"):
         make_dm(train_jsonl=str(tiny_jsonl.jsonl), prompt_dropout=1.5)
-    with pytest.raises(ValueError, match="set train_jsonl or train_shards"):
+    with pytest.raises(ValueError, match="set train_jsonl, train_shards or train_precomputed"):
         make_dm().setup("fit")
     with pytest.raises(FileNotFoundError, match="00002.tar"):
         make_dm(train_shards=tiny_shards.pattern.replace("00001", "00002")).setup("fit")

@@ -99,10 +99,11 @@ def markdown_table(summaries: List[Dict]) -> str:
 # ----------------------------------------------------------------------------- contact sheets
 
 def _thumbnail(path_or_image, size: int) -> Image.Image:
+    """The image scaled (down or up) so its longer side is ``size``."""
     image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
     image = image.convert("RGB")
-    image.thumbnail((size, size), Image.BICUBIC)
-    return image
+    scale = size / max(image.size)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
 
 
 def _data_uri(image: Image.Image) -> str:
@@ -129,7 +130,7 @@ def write_contact_sheet_html(path: str, bench: Bench, rows: List[Dict], images_d
     names = [m for m in METRICS if any(r.get(m) is not None for r in rows)]
     out = ["<!doctype html><html><head><meta charset='utf-8'><title>SSR-Encoder evaluation</title><style>",
            "body{font-family:sans-serif;margin:1em} .row{display:flex;flex-wrap:wrap;gap:8px}",
-           "figure{margin:0;width:%dpx;font-size:11px} img{display:block;max-width:100%%}" % thumb,
+           "figure{margin:0;width:%dpx;font-size:11px} img{display:block;width:100%%}" % thumb,
            "h2{margin-top:1.5em;border-top:1px solid #ccc;padding-top:.5em} .ref img{outline:3px solid #4a7}",
            "</style></head><body>",
            f"<h1>{html.escape(data['method'])} on {html.escape(BENCH_TITLES[bench.kind])}</h1>",
@@ -168,7 +169,8 @@ def render_contact_sheet_png(path: str, bench: Bench, rows: List[Dict], images_d
     reference), then a row of generations, each captioned with its prompt and scores."""
     names = [m for m in METRICS if any(r.get(m) is not None for r in rows)]
     font = ImageFont.load_default()
-    caption_h, title_h, pad = 44, 22, 6
+    line_h = 12
+    caption_h, title_h, pad = line_h * (1 + len(names)) + 6, 22, 8
     blocks = []
     for s in [s for s in bench.subjects if any(r["subject"] == s.key for r in rows)][:max_subjects]:
         refs = [(_thumbnail(r, thumb), "reference") for r in s.references[:max_images]]
@@ -180,7 +182,7 @@ def render_contact_sheet_png(path: str, bench: Bench, rows: List[Dict], images_d
     columns = max(max(len(b[1]), len(b[2])) for b in blocks)
     cell_w = thumb + pad
     width = pad + columns * cell_w
-    block_h = title_h + 2 * (thumb + caption_h + pad)
+    block_h = title_h + (thumb + line_h + 2 * pad) + (thumb + caption_h + pad)
     sheet = Image.new("RGB", (width, pad + len(blocks) * block_h), "white")
     draw = ImageDraw.Draw(sheet)
     y = pad
@@ -192,13 +194,13 @@ def render_contact_sheet_png(path: str, bench: Bench, rows: List[Dict], images_d
             sheet.paste(image, (x, y))
             draw.rectangle([x - 2, y - 2, x + image.width + 1, y + image.height + 1], outline=(60, 160, 110), width=2)
             draw.text((x, y + thumb + 4), caption, fill=(60, 120, 80), font=font)
-        y += thumb + caption_h + pad
+        y += thumb + line_h + 2 * pad
         for i, (image, row) in enumerate(gens):
             x = pad + i * cell_w
             sheet.paste(image, (x, y))
             prompt = row["prompt"] if len(row["prompt"]) <= 22 else row["prompt"][:21] + "…"
-            scores = _score_text(row, names).replace(" · ", "\n")
-            draw.multiline_text((x, y + thumb + 2), prompt + "\n" + scores, fill="black", font=font, spacing=1)
+            scores = "\n".join(f"{TITLES[n]}: {row[n]:.3f}" for n in names if row.get(n) is not None)
+            draw.multiline_text((x, y + thumb + 3), prompt + "\n" + scores, fill="black", font=font, spacing=2)
         y += thumb + caption_h + pad
     sheet.save(path)
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.eval import eval_models as em
 from tests.tiny_models import tiny_ssr_weights
 from tests.trainer.tiny_sd import tiny_core
 from trainer.evaluation.benches import load_bench

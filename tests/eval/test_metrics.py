@@ -3,9 +3,7 @@ score, cosines written out by hand on the reference modules' raw outputs) and ag
 properties that must hold."""
 from __future__ import annotations
 
-import copy
 import os
-import shutil
 
 import numpy as np
 import pytest

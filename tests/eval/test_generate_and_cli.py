@@ -154,3 +154,23 @@ def test_help_documents_both_steps_and_every_metric():
                  "table.md", "contact_sheet.html", "CLIP-T", "CLIP-I", "DINO ", "CLIP-ES", "DINO-M", "aesthetic",
                  "ViT-B/32", "ViT-S/16", "prompts_and_classes.txt", "weights_only"):
         assert word in text, word
+
+
+def test_mask_bias_reaches_the_aligner_as_in_the_core_library(multi_bench):
+    """subject_tokens with a mask's logit bias = ssr's SubjectEncoder given the same bias
+    (ssr.mask_logit_bias of the bench's mask over its image), and differs from no bias."""
+    import torch
+
+    from trainer.evaluation.generate import subject_inputs
+
+    core = tiny_core(seed=0)
+    dog = small_bench(multi_bench).subjects[0]
+    pixels_in, bias = subject_inputs(dog, mask_weight=5.0)
+    assert pixels_in.shape == (1, 3, 224, 224) and bias.shape == (1, 257)
+    z_q = core.encode_texts([dog.query])
+    with torch.no_grad():
+        tokens, _ = core.subject_tokens(z_q, pixels_in, logit_bias=bias)
+        expected, _ = core.ssr.encoder(z_q, core.image_encoder(pixels_in), logit_bias=bias)
+        plain, _ = core.subject_tokens(z_q, pixels_in)
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=0)
+    assert not torch.allclose(tokens, plain)

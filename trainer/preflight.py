@@ -83,15 +83,27 @@ def _run_folder(config: Dict[str, Any]) -> str:
     return str(trainer.get("default_root_dir") or os.getcwd())
 
 
+def _precomputed_problem(data: Dict[str, Any]) -> Optional[str]:
+    """Shards that exist, with a finished precompute.json matching the data resolutions."""
+    from .precomputed_reader import precomputed_manifest
+
+    try:
+        precomputed_manifest(expand_shards(data["train_precomputed"]), int(data.get("resolution") or 512),
+                             int(data.get("clip_resolution") or 224))
+    except (FileNotFoundError, ValueError) as exc:
+        return f"data.train_precomputed: {exc}"
+    return None
+
+
 def problems(config: Dict[str, Any], subcommand: str) -> List[str]:
     model, data = config.get("model") or {}, config.get("data") or {}
     found: List[Optional[str]] = [
         _path_problem("model.pretrained_model", model.get("pretrained_model"), "any"),
         _path_problem("model.clip_vision", model.get("clip_vision"), "any"),
         _path_problem("model.sd_config_dir", model.get("sd_config_dir"), "folder"),
+        # Read also when resuming: the module is built from it before the checkpoint loads.
+        _path_problem("model.init_weights", model.get("init_weights"), "any"),
     ]
-    if not config.get("ckpt_path"):  # with a checkpoint the trained weights come from it
-        found.append(_path_problem("model.init_weights", model.get("init_weights"), "any"))
     found.append(_path_problem("data.image_root", data.get("image_root"), "folder"))
     found.append(_path_problem("data.val_image_root", data.get("val_image_root"), "folder"))
     if subcommand == "fit" and data.get("train_jsonl"):
@@ -107,6 +119,8 @@ def problems(config: Dict[str, Any], subcommand: str) -> List[str]:
                 expand_shards(data[setting])
             except (FileNotFoundError, ValueError) as exc:
                 found.append(f"data.{setting}: {exc}")
+    if subcommand == "fit" and data.get("train_precomputed"):
+        found.append(_precomputed_problem(data))
     samples = config.get("samples") or {}
     if samples.get("enabled", True):
         found += [prompt_template_problem(i, t) for i, t in enumerate(samples.get("prompts") or [])]

@@ -18,6 +18,7 @@ from typing import Dict, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 
 LOSS_PARTS = (("train/loss", "loss"), ("train/loss_ldm", "ldm"), ("train/loss_reg", "reg"))
 
@@ -135,8 +136,8 @@ class ProgressLog(Callback):
         return " | ".join(parts)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
-            return
+        if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != TrainerFn.FITTING:
+            return  # `validate` prints its own table (and its step count is 0)
         values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         if values:
             self._print(trainer, f"validation at step {trainer.global_step}: "

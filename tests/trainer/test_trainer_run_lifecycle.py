@@ -39,6 +39,8 @@ def test_validate_uses_the_stage_the_checkpoint_was_trained_in(two_stage_run):
     cli = main(["validate", "--config", two_stage_run["config"], "--ckpt_path", ckpt])
     assert cli.model.single_scale() is False  # step 2 of single_scale_steps 1: multi-scale
     assert float(cli.trainer.callback_metrics["val/loss"]) == pytest.approx(two_stage_run["val_loss"], rel=1e-6)
+    progress = next(c for c in cli.trainer.callbacks if type(c).__name__ == "ProgressLog")
+    assert progress.lines == []  # no training progress lines ("validation at step 0") in validate
 
 
 def test_resume_keeps_command_line_settings_and_the_checkpoints_for_the_rest(two_stage_run):

@@ -185,3 +185,16 @@ def test_fit_from_precomputed_shards_with_a_cosine_schedule(precomputed, checkpo
     module.trainer.datamodule.precomputed_manifest["vae"] = "vae-000000000000"
     with pytest.raises(ValueError, match="precomputed with another VAE"):
         module._check_precomputed_data()
+
+
+def test_preflight_names_unusable_precomputed_shards_before_models_load(precomputed, tiny_shards):
+    from trainer.preflight import problems
+
+    pattern = os.path.join(precomputed, "{00000..00003}.tar")
+    assert problems({"data": {"train_precomputed": pattern, "resolution": RESOLUTION}}, "fit") == []
+    found = problems({"data": {"train_precomputed": pattern, "resolution": 512}}, "fit")
+    assert len(found) == 1 and "precomputed at resolution 64" in found[0]
+    found = problems({"data": {"train_precomputed": tiny_shards.pattern, "resolution": RESOLUTION}}, "fit")
+    assert len(found) == 1 and "no precompute.json" in found[0]
+    found = problems({"data": {"train_precomputed": os.path.join(precomputed, "{00000..00009}.tar")}}, "fit")
+    assert len(found) == 1 and "00004.tar" in found[0]

@@ -52,6 +52,12 @@ def unet_patcher(sd_model):
     return patcher
 
 
+def serves_by_patches(sd_model) -> bool:
+    """Whether the session serves the branch with attn2 replace patches on ``sd_model``'s UNet
+    patcher (Forge, reForge) rather than with module hooks (the WebUI)."""
+    return unet_patcher(sd_model) is not None
+
+
 def patcher_unet(patcher):
     """The UNet module the patcher samples with (``patcher.model.diffusion_model``)."""
     return getattr(getattr(patcher, "model", None), "diffusion_model", None)

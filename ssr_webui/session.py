@@ -172,7 +172,7 @@ class GenerationSession:
         unet = self.runtime.check_sd_model(sd_model, self.weights)
         encoded = self.runtime.encode(self.embedder, self.subjects, sd_model, self.ssr_file, self.clip_file)
         host_patcher = patcher.unet_patcher(sd_model)
-        mechanism = "patches" if host_patcher is not None else "hooks"
+        mechanism = "patches" if patcher.serves_by_patches(sd_model) else "hooks"
         try:
             if self.handle is None or self.unet is not unet or not self.handle.installed or mechanism != self.mechanism:
                 self.uninstall()

@@ -102,6 +102,7 @@ class Fork:
         from modules_forge import main_thread
 
         threading.Thread(target=main_thread.loop, daemon=True).start()
+
         self.app = FastAPI()
         initialize_util.setup_middleware(self.app)
         self.api = Api(self.app, queue_lock)
@@ -116,6 +117,8 @@ class Fork:
                 self.script = data.module
         if self.script is None:
             raise RuntimeError("the SSR-Encoder script was not loaded by the fork")
+        if not hasattr(shared.sd_model, "forge_objects"):  # Forge loads the checkpoint at the first generation
+            self.txt2img(prompt="warm up", steps=1)
 
     @property
     def sd_model(self):

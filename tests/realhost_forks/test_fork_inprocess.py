@@ -241,7 +241,7 @@ def test_bypass_module_hooks_beside_a_replace_patch_is_reported(fork, foreign_pa
     calls to_q / to_out directly, the layer's forward never runs: reported, never claimed."""
     from ssr_webui import patcher
 
-    monkeypatch.setattr(patcher, "unet_patcher", lambda sd_model: None)
+    monkeypatch.setattr(patcher, "serves_by_patches", lambda sd_model: False)
     result = fork.txt2img(prompt="a cat", negative_prompt="blurry", steps=2,
                           alwayson_scripts=pl.alwayson(_unit(*_payload_subjects(_subjects(1)))))
     assert "SSR-Encoder: True" not in result["info"]

@@ -263,3 +263,13 @@ def test_host_marks_route_rows_in_the_unet_call(unet, weights):
                                   "transformer_options": {"cond_or_uncond": [1, 0]}})
     assert seen[-1] == [UNCONDITIONAL, SUBJECT]
     session.close()
+
+
+def test_patcher_keys_of_every_sd1_attn2_layer(unet):
+    """Each attn2 layer's key as Forge's / reForge's patcher names it: (block, number, index)."""
+    from ssr.layers import find_cross_attention_layers
+    from ssr_webui.patcher import layer_key
+
+    keys = [layer_key(name) for name, _ in find_cross_attention_layers(unet)]
+    assert keys == ([("input", i, 0) for i in (1, 2, 4, 5, 7, 8)] + [("output", i, 0) for i in range(3, 12)]
+                    + [("middle", 0, 0)])

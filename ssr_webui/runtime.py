@@ -439,7 +439,10 @@ class SSRRuntime:
                     self.report(p, reason, notice=True)
                     return None
                 weights = self.ssr_weights(ssr_file)
-                self.check_sd_model(p.sd_model, weights)  # before loading CLIP: fail fast
+                try:
+                    self.check_sd_model(p.sd_model, weights)  # before loading CLIP: fail fast
+                except (ModelMismatch, ssr.IncompatibleUNetError) as e:  # say which choice does not fit
+                    raise type(e)(f"{request.field_name('model')} {ssr_file.name}: {e}") from e
                 embedder = self.embedder(ssr_file, clip_file)
                 weights = embedder.ssr  # the same file; one object in memory
                 model_hash = self.model_hash(ssr_file)

@@ -169,6 +169,7 @@ def baseline(host):
 
     host.load_checkpoint(TINY_CKPT)
     hooks = hook_count(host.unet)
+    _PLAIN.clear()  # plain images are this module's: options may differ between modules
     image = plain(host)
     return {"hooks": hooks, "plain": image}
 
@@ -586,6 +587,7 @@ def test_checkpoint_switch(host, baseline):
         wrong = generate(host, unit=unit, steps=2)
         error = ssr_error(wrong)
         assert "wide" in error or "width" in error, error
+        assert error.startswith(f"model {pl.TINY_SSR}: "), error  # names the field and the file that does not fit
         assert np.array_equal(pixels(wrong), full_plain)
         assert hook_count(host.unet) == full_hooks
     finally:

@@ -150,3 +150,25 @@ def tiny_host(host) -> Host:
 def full_host(host) -> Host:
     host.load_checkpoint(FULL_CKPT)
     return host
+
+
+# Options that tests may leave changed: which checkpoint is loaded (tests switch back with
+# load_checkpoint when they need the tiny one).
+_OPTIONS_TESTS_MAY_CHANGE = {"sd_model_checkpoint", "sd_checkpoint_hash"}
+
+
+@pytest.fixture(autouse=True)
+def options_left_as_found():
+    """Fail a test that leaves a WebUI option changed (e.g. an ``override_settings`` the WebUI
+    does not restore): every later test would run with it, and plain images would differ
+    between test modules for no reason the failing test could show."""
+    if "host" not in _HOST:  # the in-process WebUI is not running (yet): nothing to compare
+        yield
+        return
+    opts = _HOST["host"].shared.opts
+    before = dict(opts.data)
+    yield
+    changed = {k: (before.get(k, opts.get_default(k)), v) for k, v in opts.data.items()
+               if k not in _OPTIONS_TESTS_MAY_CHANGE and before.get(k, opts.get_default(k)) != v}
+    assert not changed, f"the test left WebUI options changed (before, after): {changed}"
+

@@ -76,9 +76,19 @@ def test_cond_and_uncond_of_different_token_lengths(tiny_host):
 
 
 def test_negative_guidance_minimum_sigma_skips_uncond(tiny_host):
-    # s_min_uncond larger than every sigma: the WebUI skips the uncond rows on alternate steps
-    counts, rec, _ = _run_and_verify(tiny_host, dict(prompt="a photo of a cat", negative_prompt="blurry", steps=4,
-                                                     override_settings={"s_min_uncond": 100.0}))
+    from modules import shared
+
+    # The WebUI restores an override afterwards only for options already in its config data
+    # (a fresh config has no s_min_uncond there), so the test puts the option back itself:
+    # left at 100 it would change every later plain image.
+    before = shared.opts.s_min_uncond
+    try:
+        # s_min_uncond larger than every sigma: the WebUI skips the uncond rows on alternate steps
+        counts, rec, _ = _run_and_verify(tiny_host, dict(prompt="a photo of a cat", negative_prompt="blurry", steps=4,
+                                                         override_settings={"s_min_uncond": 100.0}))
+    finally:
+        tiny_host.set_options(s_min_uncond=before)
+    assert shared.opts.s_min_uncond == before
     rows_per_step = {}
     for c in rec.calls:
         rows_per_step.setdefault(c.step, set()).add(c.x.shape[0])

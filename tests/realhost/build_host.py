@@ -470,3 +470,17 @@ if __name__ == "__main__":
     ap.add_argument("--forks", action="store_true", help="also Forge and reForge (writes forks.json)")
     args = ap.parse_args()
     build(check_only=args.check, forks=args.forks)
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for servers a test starts: the kernel kills the child when the test
+    process dies, even by SIGKILL (the out-of-memory killer, a CI timeout), so no WebUI
+    keeps its port and gigabytes of memory after the run that started it (Linux prctl)."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the tests' own cleanup still stops it
+        pass

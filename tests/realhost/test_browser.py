@@ -86,7 +86,8 @@ class UIServer:
                "--data-dir", data_dir]
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=webui, env=build_host.host_env(INFO, data_dir), stdout=self._log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=build_host.die_with_parent)
 
     def log_tail(self, chars: int = 5000) -> str:
         try:

@@ -79,7 +79,8 @@ class Server:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=INFO["webui"], env=build_host.host_env(INFO, self.data_dir),
                                      stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     preexec_fn=build_host.die_with_parent)
 
     def log_tail(self, chars: int = 6000) -> str:
         try:

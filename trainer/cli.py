@@ -58,8 +58,8 @@ class SSRTrainerCLI(LightningCLI):
         the command line gives wins, what they leave out continues as saved."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path:
-            return
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+            return  # none, or one of Lightning's names it resolves itself later
         if not os.path.isfile(ckpt_path):
             _refuse(f"--ckpt_path {ckpt_path}: no such file")
         saved, step = checkpoint_contents(ckpt_path)

@@ -126,7 +126,7 @@ class SSRTrainerCLI(LightningCLI):
         if config.get("csv_log") and self.trainer.loggers and not any(isinstance(x, CSVLogger) for x in self.trainer.loggers):
             # In the first logger's own folder (not a sibling version folder): one folder per run.
             csv_logger = CSVLogger(self.trainer.log_dir, name="", version="")
-            if config.get("ckpt_path") and self.trainer.is_global_zero:
+            if config.get("ckpt_path") and os.path.isfile(config["ckpt_path"]) and self.trainer.is_global_zero:
                 self._keep_earlier_metrics(csv_logger, config["ckpt_path"])
             self.trainer.loggers = list(self.trainer.loggers) + [csv_logger]
 

@@ -275,7 +275,7 @@ class GenerationSession:
             if not rows and isinstance(x, torch.Tensor):
                 rows = [None] * x.shape[0]
             self.handle.set_rows(rows)
-            if any(r is not None for r in rows):
+            if self.handle.active and any(r is not None for r in rows):  # scale 0 or no tokens: nothing to serve
                 self.calls_armed += 1
             if self.mechanism == "patches" and options:
                 chained = patcher.ensure_chained(self, options, self.handle.layers)

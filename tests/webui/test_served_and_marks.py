@@ -199,6 +199,20 @@ def _one_step(session, unet, ctx):
     session.end_step()
 
 
+def test_scale_0_arms_nothing(unet, weights):
+    """Scale 0 (or no tokens): the branch is not armed, so nothing served is no problem."""
+    runtime, p = _Runtime(_tokens()), _P()
+    session = _session(unet, weights, runtime, p)
+    session.request.scale = 0.0
+    sd_model = SimpleNamespace(model=SimpleNamespace(diffusion_model=unet))
+    _, _, ctx = tm.unet_inputs(2)
+    session.prepare(sd_model)
+    _one_step(session, unet, ctx)
+    assert session.calls_armed == 0
+    runtime.after_batch(p)
+    assert infotext.ERROR not in p.extra_generation_params and not p.comments
+
+
 @pytest.mark.parametrize("bypass", [False, True])
 def test_armed_but_not_served_is_reported_not_applied(unet, weights, bypass):
     runtime, p = _Runtime(_tokens()), _P()

@@ -314,7 +314,7 @@ def build_fork_venv(part: Part, name: str, fork: Part, venv: Part) -> None:
     part.done()
 
 
-FORK_MODEL_INPUTS = ("tests/realhost/make_fork_models.py", "tests/tiny_models.py", "ssr/weights.py", "ssr/layers.py",
+FORK_MODEL_INPUTS = ("tests/realhost/make_fork_models.py", "tests/realhost/make_models.py", "tests/tiny_models.py", "ssr/weights.py", "ssr/layers.py",
                      "ssr/subject_encoder.py")
 
 

@@ -16,6 +16,11 @@ OUT/ (each top-level folder is linked into a fork session's ``models/``):
                                                 download it at the first generation otherwise)
     ssr_encoder/full_ssr.safetensors            our single file, widths of the SD1.5 UNet
     clip_vision/tiny-clip-vit/                  Hugging Face CLIPVisionModel folder (tiny)
+    ControlNet/ip-adapter_sd15_random.safetensors      IP-Adapter (ip-adapter_sd15 layout) for the
+                                                       built-in IP-Adapter, widths of the SD1.5 UNet
+    ControlNetPreprocessor/CLIP-ViT-H-14.safetensors   CLIP ViT-H/14 vision tower + projection at full
+                                                       size (fp16), where the built-in "CLIP-ViT-H
+                                                       (IPAdapter)" preprocessor looks before downloading
 """
 from __future__ import annotations
 
@@ -86,6 +91,17 @@ def main(out: str) -> None:
     ssr.save_ssr_weights(tm.tiny_ssr_weights(seed=59, **full), os.path.join(ssr_dir, "full_ssr.safetensors"))
     tm.tiny_hf_clip_vision(seed=61).save_pretrained(os.path.join(out, "clip_vision", "tiny-clip-vit"),
                                                     safe_serialization=True)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import make_models
+
+    cn_dir = os.path.join(out, "ControlNet")
+    os.makedirs(cn_dir, exist_ok=True)
+    ip = make_models.ip_adapter_state_dict(sd1_widths(CHANNELS), seed=63)
+    save_file({k: v.half().contiguous() for k, v in ip.items()}, os.path.join(cn_dir, "ip-adapter_sd15_random.safetensors"))
+    pre = os.path.join(out, "ControlNetPreprocessor")
+    make_models.write_clip_h(os.path.join(pre, "clip_h.pth"), seed=65)
+    save_file(torch.load(os.path.join(pre, "clip_h.pth")), os.path.join(pre, "CLIP-ViT-H-14.safetensors"))
+    os.remove(os.path.join(pre, "clip_h.pth"))
     print(f"fork models written to {out}")
 
 

@@ -280,3 +280,34 @@ def test_hires_pass_is_patched_again(fork):
     sizes = {tuple(args[0].shape[-2:]) for args, _, _, _ in rec.calls}
     assert len(sizes) == 2, sizes  # both passes sampled
     assert _leftovers(fork) == []
+
+
+def test_builtin_ip_adapter_together(fork):
+    """The fork's own IP-Adapter (a ControlNet unit: "CLIP-ViT-H (IPAdapter)" with an
+    ip-adapter_sd15 model) and SSR in one generation: both applied (ours chained to its attn2
+    patch on every key), and without ours its image is exactly what it was."""
+    import importlib
+
+    global_state = importlib.import_module("lib_controlnet.global_state")  # the fork's built-in ControlNet
+    global_state.update_controlnet_filenames()
+    model = [n for n in global_state.get_all_controlnet_names() if n.startswith("ip-adapter_sd15_random")]
+    assert model, global_state.get_all_controlnet_names()
+    unit = {"enabled": True, "module": "CLIP-ViT-H (IPAdapter)", "model": model[0],
+            "image": pl.encode(pl.reference_image(5, 224, 224)), "weight": 0.8, "resize_mode": "Crop and Resize"}
+    controlnet = {"ControlNet": {"args": [unit]}}
+    base = dict(prompt="a cat", negative_prompt="blurry", steps=2)
+    plain = fork.txt2img(**base)
+    ip_only = fork.txt2img(**base, alwayson_scripts=dict(controlnet))
+    with UNetRecorder(fork.unet, limit=1) as rec:
+        both = fork.txt2img(**base, alwayson_scripts=dict(controlnet, **pl.alwayson(_unit(*_payload_subjects(_subjects(1))))))
+    ip_again = fork.txt2img(**base, alwayson_scripts=dict(controlnet))
+    assert "SSR error" not in both["info"] and "SSR-Encoder: True" in both["info"], both["info"]
+    assert np.abs(_image(ip_only) - _image(plain)).max() > 0, "the IP-Adapter changed nothing"
+    assert np.abs(_image(both) - _image(ip_only)).max() > 0, "SSR changed nothing beside the IP-Adapter"
+    assert np.array_equal(_image(ip_again), _image(ip_only))
+    attn2 = rec.calls[0][2]["patches_replace"]["attn2"]
+    for key in _keys():
+        patch = attn2.get(key, attn2.get(key + (0,)))
+        assert type(patch).__name__ == "AttentionPatch", key
+        assert patch.previous is not None and type(patch.previous).__name__ != "AttentionPatch", key
+    assert _leftovers(fork) == []

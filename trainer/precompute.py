@@ -32,7 +32,10 @@ import torch
 
 from ssr.image_encoder import clip_view_pixels
 
-from .data import JsonlImageTextDataset, SkipSample, WebDatasetImageText, expand_shards, sd_view
+from .jsonl_dataset import JsonlImageTextDataset
+from .samples import sd_view
+from .skips import SkipSample
+from .webdataset_stream import WebDatasetImageText, expand_shards
 from .precomputed_format import FORMAT_NAME, FORMAT_VERSION, SETTINGS, read_manifest, settings_mismatch, write_manifest
 from .precomputed_writer import ShardWriter, shard_is_complete, stats_path
 

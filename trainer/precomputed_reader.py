@@ -16,8 +16,10 @@ import torch
 
 from ssr.image_encoder import clip_normalize
 
-from .data import SampleTransform, SkipCounter, SkipSample, WebDatasetImageText
 from .precomputed_format import decode_sample, read_manifest
+from .samples import SampleTransform
+from .skips import SkipCounter, SkipSample
+from .webdataset_stream import WebDatasetImageText
 
 
 class PrecomputedSampleTransform:

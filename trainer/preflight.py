@@ -12,7 +12,9 @@ import os
 import string
 from typing import Any, Dict, List, Optional
 
-from .data import MAX_CONSECUTIVE_SKIPS, JsonlImageTextDataset, SkipSample, expand_shards, unusable_rows_message
+from .jsonl_dataset import JsonlImageTextDataset, unusable_rows_message
+from .skips import MAX_CONSECUTIVE_SKIPS, SkipSample
+from .webdataset_stream import expand_shards
 
 # What SampleGrid fills into samples.prompts.
 PROMPT_FIELDS = ("caption", "query")

@@ -160,7 +160,7 @@ class ProgressLog(Callback):
 
 def summed_over_ranks(trainer: pl.Trainer, counts: Dict[str, int]) -> Dict[str, int]:
     """{reason: count} summed over all ranks (a collective with several devices)."""
-    from .data import SKIP_REASONS
+    from .skips import SKIP_REASONS
 
     if trainer.world_size == 1:
         return counts

@@ -7,7 +7,7 @@ import torch
 import transformers
 from PIL import Image
 
-from trainer.data import SampleTransform
+from trainer.samples import SampleTransform
 
 Processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
 REFERENCE = Processor(

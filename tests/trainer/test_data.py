@@ -1,5 +1,6 @@
-"""Tests for trainer/data.py: batch layout of both sources, the two image views against a
-direct computation, flip consistency, dropouts, skipping, determinism and mid-epoch resume."""
+"""Tests for the training data (trainer/data.py and the modules it builds on): batch layout
+of both sources, the two image views against a direct computation, flip consistency,
+dropouts, skipping, determinism and mid-epoch resume."""
 import warnings
 import lightning.pytorch as pl
 import numpy as np

@@ -16,10 +16,10 @@ import tiny_sd  # noqa: E402
 from tests import tiny_models as tm  # noqa: E402
 
 from ssr.image_encoder import clip_preprocess  # noqa: E402
-from trainer.data import SampleTransform, load_rgb_image, sample_rng, sd_view  # noqa: E402
 from trainer.precompute import main as precompute_main  # noqa: E402
 from trainer.precomputed_format import MANIFEST_NAME, decode_sample  # noqa: E402
 from trainer.precomputed_reader import PrecomputedSampleTransform, collate_precomputed  # noqa: E402
+from trainer.samples import SampleTransform, load_rgb_image, sample_rng, sd_view  # noqa: E402
 from trainer.sd_loading import load_stable_diffusion  # noqa: E402
 
 RESOLUTION = 64
@@ -108,7 +108,7 @@ def test_reader_gives_the_raw_paths_samples_and_loss(precomputed, tiny_jsonl, sd
         pre.append(b)
     flips = [not torch.equal(b["latent_mean"], records[n]["latent_mean"][0]) for b, n in zip(pre, sorted(records))]
     assert any(flips) and not all(flips)  # both views are used
-    from trainer.data import collate_samples
+    from trainer.samples import collate_samples
 
     clip = tm.tiny_clip_image_encoder(3, width=tiny_sd.CLIP_WIDTH, layers=tiny_sd.CLIP_LAYERS, heads=tiny_sd.CLIP_HEADS)
     weights = tm.tiny_ssr_weights(4, context_dim=tiny_sd.CONTEXT_DIM, image_dim=tiny_sd.CLIP_WIDTH)

@@ -11,8 +11,9 @@ from test_trainer_cli import files, make_config  # noqa: E402,F401  (files: a fi
 
 import trainer.module  # noqa: E402
 from trainer.cli import main  # noqa: E402
-from trainer.data import JsonlImageTextDataset, SampleTransform  # noqa: E402
+from trainer.jsonl_dataset import JsonlImageTextDataset  # noqa: E402
 from trainer.preflight import prompt_template_problem  # noqa: E402
+from trainer.samples import SampleTransform  # noqa: E402
 
 
 @pytest.fixture

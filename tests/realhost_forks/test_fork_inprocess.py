@@ -11,7 +11,9 @@ Checked:
   (subject or unconditional) taken from the host's ``cond_or_uncond``;
 * with an attn2 replace patch already on every key (what the built-in IP-Adapter installs),
   ours chains to it: the reference calls the same patch;
-* a skipped uncond (CFG scale 1) is served;
+* cond and uncond in separate UNet calls (the host's low-memory path, forced) give the same
+  numbers; a skipped uncond (CFG scale 1) is served;
+* the fork's built-in IP-Adapter (a ControlNet unit) and SSR together;
 * never silently not applied: forcing each bypass reports "not applied" with the reason
   (module hooks beside a replace patch, the host's path that calls to_q/to_out directly;
   the attn2 patches dropped from the UNet call).
@@ -194,17 +196,9 @@ def test_plain_ssr_scale0_and_nothing_left(fork):
     assert _leftovers(fork) == []
 
 
-@pytest.mark.parametrize("chained", [False, True], ids=["alone", "after-foreign-patch"])
-def test_noise_prediction_equals_reference(fork, request, chained):
-    """prompt = negative prompt, two subjects: rows only from the host's marks."""
-    previous = request.getfixturevalue("foreign_patch") if chained else None
-    subjects = _subjects(2)
-    scale = 0.8
-    unit = _unit(*_payload_subjects(subjects), scale=scale)
-    with UNetRecorder(fork.unet) as rec:
-        result = fork.txt2img(prompt="a cat on a sofa", negative_prompt="a cat on a sofa", steps=2,
-                              alwayson_scripts=pl.alwayson(unit))
-    assert "SSR error" not in result["info"], result["info"]
+def _check_against_reference(fork, rec, subjects, scale, previous=None):
+    """Every recorded UNet call's output against the same call with the reference patches
+    (and the plain one, to see that the branch moved it). -> the cond_or_uncond marks seen."""
     assert rec.calls
     weights, encoded = _reference_tokens(fork, subjects)
     patches = {key: ReferencePatch(pos, weights, encoded, scale, previous) for key, pos in _keys().items()}
@@ -223,8 +217,35 @@ def test_noise_prediction_equals_reference(fork, request, chained):
         moved = (plain.float() - want.float()).abs().max().item()
         assert err <= TOL * size, f"max error {err:.3g} vs {TOL} x {size:.3g}"
         assert moved > 100 * TOL * size, f"the branch moved the prediction by only {moved:.3g}"
+    return marks_seen
+
+
+@pytest.mark.parametrize("chained", [False, True], ids=["alone", "after-foreign-patch"])
+def test_noise_prediction_equals_reference(fork, request, chained):
+    """prompt = negative prompt, two subjects: rows only from the host's marks."""
+    previous = request.getfixturevalue("foreign_patch") if chained else None
+    subjects = _subjects(2)
+    scale = 0.8
+    unit = _unit(*_payload_subjects(subjects), scale=scale)
+    with UNetRecorder(fork.unet) as rec:
+        result = fork.txt2img(prompt="a cat on a sofa", negative_prompt="a cat on a sofa", steps=2,
+                              alwayson_scripts=pl.alwayson(unit))
+    assert "SSR error" not in result["info"], result["info"]
+    marks_seen = _check_against_reference(fork, rec, subjects, scale, previous)
     assert any(1 in m and 0 in m for m in marks_seen) or len(marks_seen) > 1, marks_seen
     assert _leftovers(fork) == []
+
+
+def test_cond_and_uncond_in_separate_calls(fork, monkeypatch):
+    """When the host thinks memory is short it runs cond and uncond as separate UNet calls
+    (one chunk each): each call's rows still come from its marks, with the same numbers."""
+    monkeypatch.setattr(fork.sd_model.forge_objects.unet.model, "memory_required", lambda *a, **k: float("inf"))
+    subjects = _subjects(1)
+    with UNetRecorder(fork.unet, limit=2) as rec:
+        result = fork.txt2img(prompt="a dog", negative_prompt="a dog", steps=2,
+                              alwayson_scripts=pl.alwayson(_unit(*_payload_subjects(subjects), scale=0.8)))
+    assert "SSR error" not in result["info"], result["info"]
+    assert _check_against_reference(fork, rec, subjects, 0.8) == {(0,), (1,)}
 
 
 def test_skipped_uncond_is_served(fork):

@@ -104,6 +104,12 @@ def window_not_applied_reason(start: float, end: float, passes: Sequence[Tuple[s
     return f"start/end window {start:g}-{end:g} covers no sampling step of {counts}"
 
 
+def unrouted(batch: int) -> List[None]:
+    """Rows of a UNet call that our pre-hook did not route: no row gets the branch (never the
+    single-context default of ``SubjectAttention``, which would serve uncond rows too)."""
+    return [None] * batch
+
+
 def uninstall_on_close(p, uninstall: Callable[[], None]) -> None:
     """Make ``p.close()`` (this instance's only) call ``uninstall`` first. The WebUI closes
     every generation's processing object when it ends, by an exception too (``with
@@ -156,6 +162,8 @@ class GenerationSession:
         self.mechanism: Optional[str] = None  # "hooks" (module hooks) or "patches" (host UNet patcher)
         self.sigma_window: Optional[Tuple[float, float]] = None  # (sigma at start, sigma at end) on patcher hosts
         self.calls_armed = 0  # UNet calls with the branch on and a context for some row (this batch)
+        self.steps_on = 0  # denoiser steps with the branch switched on (this batch; module hooks)
+        self.calls_on = 0  # UNet calls our pre-hook saw with the branch switched on (this batch)
         self.patch_busy: List[bool] = []
         self._patched = None  # (sd_model, original patcher, our clone) while installed
         self._finalizer = weakref.finalize(p, self.uninstall)
@@ -189,6 +197,7 @@ class GenerationSession:
             self.handle.set_context(encoded.tokens, encoded.value_weights)
             self.handle.scale = self.request.scale
             self.handle.enabled = False  # until a step in [start, end) begins
+            self.handle.set_rows(unrouted)  # until our pre-hook routes a UNet call
             self.router.end_step()
             if mechanism == "patches":
                 to_sigma = patcher.percent_to_sigma(host_patcher)
@@ -239,11 +248,13 @@ class GenerationSession:
         if self.handle is None:
             return
         self.router.begin_step(params.text_cond, params.text_uncond)
+        self.handle.set_rows(unrouted)
         if self.sigma_window is not None:
             return
         fraction = step_fraction(params)
         self.handle.enabled = self.request.start <= fraction < self.request.end
         self.steps_active += int(self.handle.enabled)
+        self.steps_on += int(self.handle.enabled)
 
     def end_step(self) -> None:
         self.router.end_step()
@@ -269,6 +280,7 @@ class GenerationSession:
                 self.steps_active += int(self.handle.enabled)
             if not self.handle.enabled:
                 return None  # outside [start, end): the step's rows need no decision
+            self.calls_on += 1
             context = kwargs.get("context", args[2] if len(args) > 2 else None)
             x = kwargs.get("x", args[0] if args else None)
             rows = self.router.route(context, options.get("cond_or_uncond"))
@@ -292,12 +304,19 @@ class GenerationSession:
         return result
 
     def served_problem(self) -> Optional[Tuple[str, bool]]:
-        """After a batch: -> (reason, whether some layers served it) when the branch was armed
-        for some UNet call but no attn2 layer served it, or some layers never did; else None.
-        Resets the counts for the next batch."""
-        handle, armed = self.handle, self.calls_armed
-        self.calls_armed = 0
-        if handle is None or armed == 0:
+        """After a batch: -> (reason, whether some layers served it) when the branch was on for
+        some steps but our UNet pre-hook saw no call, or armed for some UNet call but no attn2
+        layer served it, or some layers never did; else None. Resets the counts for the next
+        batch."""
+        handle, armed, steps_on, calls_on = self.handle, self.calls_armed, self.steps_on, self.calls_on
+        self.calls_armed = self.steps_on = self.calls_on = 0
+        if handle is None:
+            return None
+        if steps_on and not calls_on and handle.scale != 0.0:
+            handle.reset_counts()
+            return (f"the subject branch was on for {steps_on} sampling steps but the UNet it was installed on "
+                    "was never called (the host or another extension sampled around it)", False)
+        if armed == 0:
             return None
         served, bypassed = list(handle.served), list(handle.bypassed)
         handle.reset_counts()

@@ -331,6 +331,27 @@ def test_no_effect_is_exactly_plain(clean, baseline, case):
         assert "SSR" not in result["info"]
 
 
+def test_unet_called_around_our_pre_hook_is_reported_not_applied(clean, baseline, monkeypatch):
+    """A wrapper (another extension's, say) that runs the UNet's ``forward`` itself instead of
+    calling the module: the subject attention is installed and switched on by the steps, but
+    our UNet pre-hook never routes a row. No row gets the branch (the image is the plain one)
+    and the infotext says not applied, never "SSR-Encoder: True"."""
+    host = clean
+    wrapper = host.shared.sd_model.model  # ldm's DiffusionWrapper around the UNet
+    unet = wrapper.diffusion_model
+
+    def around_the_module_call(x, t, c_concat=None, c_crossattn=None, c_adm=None):
+        return unet.forward(x, t, context=torch.cat(c_crossattn, 1))
+
+    monkeypatch.setattr(wrapper, "forward", around_the_module_call)
+    result = generate(host, unit=pl.ssr_unit(subject_dict(0)))
+    monkeypatch.undo()
+    text = info(result)["infotexts"][0]
+    assert np.array_equal(pixels(result), baseline["plain"])
+    assert "SSR-Encoder: True" not in text, text
+    assert "never called" in ssr_error(result), text
+
+
 # ----------------------------------------------------------------------------- nothing left behind
 
 def test_hooks_removed_after_interrupt(clean, baseline):

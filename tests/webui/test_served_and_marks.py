@@ -199,6 +199,18 @@ def _one_step(session, unet, ctx):
     session.end_step()
 
 
+def _one_batch(session, unet, runtime, p, restore):
+    """A batch of one sampling step: prepare on the UNet, the step, after_batch; then restore()
+    (the host's bypass of attn2) whatever happened."""
+    _, _, ctx = tm.unet_inputs(2)
+    try:
+        session.prepare(SimpleNamespace(model=SimpleNamespace(diffusion_model=unet)))
+        _one_step(session, unet, ctx)
+        runtime.after_batch(p)
+    finally:
+        restore()
+
+
 def test_scale_0_arms_nothing(unet, weights):
     """Scale 0 (or no tokens): the branch is not armed, so nothing served is no problem."""
     runtime, p = _Runtime(_tokens()), _P()
@@ -217,15 +229,7 @@ def test_scale_0_arms_nothing(unet, weights):
 def test_armed_but_not_served_is_reported_not_applied(unet, weights, bypass):
     runtime, p = _Runtime(_tokens()), _P()
     session = _session(unet, weights, runtime, p)
-    sd_model = SimpleNamespace(model=SimpleNamespace(diffusion_model=unet))
-    _, _, ctx = tm.unet_inputs(2)
-    restore = _bypass_attn2(unet) if bypass else (lambda: None)
-    try:
-        session.prepare(sd_model)
-        _one_step(session, unet, ctx)
-        runtime.after_batch(p)
-    finally:
-        restore()
+    _one_batch(session, unet, runtime, p, restore=_bypass_attn2(unet) if bypass else (lambda: None))
     assert ssr.installed_subject_attention(unet) is None
     if not bypass:
         assert infotext.ERROR not in p.extra_generation_params and not p.comments
@@ -240,19 +244,12 @@ def test_armed_but_not_served_is_reported_not_applied(unet, weights, bypass):
 def test_some_layers_bypassed_is_reported_partly_applied(unet, weights):
     runtime, p = _Runtime(_tokens()), _P()
     session = _session(unet, weights, runtime, p)
-    sd_model = SimpleNamespace(model=SimpleNamespace(diffusion_model=unet))
-    _, _, ctx = tm.unet_inputs(2)
     middle = unet.middle_block[1].transformer_blocks[0]
     restore = _bypass_attn2(unet)
     for module in unet.modules():  # only the middle block bypasses
         if module is not middle and hasattr(module, "_forward") and "_forward" in vars(module):
             del module._forward
-    try:
-        session.prepare(sd_model)
-        _one_step(session, unet, ctx)
-        runtime.after_batch(p)
-    finally:
-        restore()
+    _one_batch(session, unet, runtime, p, restore)
     error = p.extra_generation_params[infotext.ERROR]
     assert "only 15 of 16" in error and "middle_block.1" in error, error
     assert p.comments[0].startswith("SSR-Encoder was only partly applied:")
@@ -267,7 +264,7 @@ def test_host_marks_route_rows_in_the_unet_call(unet, weights):
     sd_model = SimpleNamespace(model=SimpleNamespace(diffusion_model=unet))
     session.prepare(sd_model)
     seen = []
-    session.handle.set_rows = lambda rows: seen.append(list(rows))
+    session.handle.set_rows = lambda rows: seen.append(rows if callable(rows) else list(rows))
     same = torch.randn(1, 77, tm.TINY_CONTEXT_DIM)
     params = SimpleNamespace(denoiser=SimpleNamespace(step=0, total_steps=2), sampling_step=0, total_sampling_steps=2,
                              text_cond=same, text_uncond=same)
@@ -287,3 +284,31 @@ def test_patcher_keys_of_every_sd1_attn2_layer(unet):
     keys = [layer_key(name) for name, _ in find_cross_attention_layers(unet)]
     assert keys == ([("input", i, 0) for i in (1, 2, 4, 5, 7, 8)] + [("output", i, 0) for i in range(3, 12)]
                     + [("middle", 0, 0)])
+
+
+def test_unet_called_around_our_pre_hook_is_reported_not_applied(unet, weights):
+    """The branch is on for a step, but the UNet runs without its module call (its
+    ``forward`` called directly, as a host or extension wrapping it might): our pre-hook
+    never routes a row, so no row gets the branch (not even the default single context, which
+    would reach the uncond row too), and the batch is reported not applied."""
+    runtime, p = _Runtime(_tokens()[:1]), _P()
+    session = _session(unet, weights, runtime, p)
+    sd_model = SimpleNamespace(model=SimpleNamespace(diffusion_model=unet))
+    x, t, ctx = tm.unet_inputs(2)
+    with torch.no_grad():
+        plain = tm.unet_call(unet, x, t, ctx)
+    session.prepare(sd_model)
+    params = SimpleNamespace(denoiser=SimpleNamespace(step=0, total_steps=2), sampling_step=0, total_sampling_steps=2,
+                             text_cond=ctx[:1], text_uncond=ctx[1:])
+    session.on_step(params)
+    with torch.no_grad():
+        around = unet.forward(x, t, context=ctx)
+    session.end_step()
+    assert session.handle.served == [0] * 16
+    assert torch.equal(around, plain)
+    runtime.after_batch(p)
+    error = p.extra_generation_params[infotext.ERROR]
+    assert "on for 1 sampling steps" in error and "never called" in error, error
+    assert infotext.ENABLED not in p.extra_generation_params
+    assert p.comments and p.comments[0].startswith("SSR-Encoder was not applied:")
+    assert ssr.installed_subject_attention(unet) is None

@@ -142,7 +142,7 @@ def endless(loader):
 def train_step_table(args, raw_source: dict, shard_source: dict) -> None:
     import contextlib
 
-    from bench_trainer import build_sd15, build_tiny, random_batch
+    from bench_trainer import build_sd15, build_tiny, make_train_step, random_batch
 
     from trainer.core import SSRTrainingCore, new_ssr_weights
 
@@ -165,14 +165,7 @@ def train_step_table(args, raw_source: dict, shard_source: dict) -> None:
     optimizer = torch.optim.AdamW(core.ssr.parameters(), lr=5e-5, betas=(0.9, 0.999), weight_decay=0.01)
     generator = torch.Generator(device=device).manual_seed(0)
 
-    def step(batch):
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            out = core.losses(batch, generator)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(core.ssr.parameters(), 1.0)
-        optimizer.step()
-        core.set_subject_context(None)
+    step = make_train_step(core, optimizer, autocast, generator)
 
     def to_device(batch):
         return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

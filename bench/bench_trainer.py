@@ -70,6 +70,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def make_train_step(core: SSRTrainingCore, optimizer: torch.optim.Optimizer, autocast, generator: torch.Generator):
+    """-> step(batch): one timed training step of the benches (bench_trainer, bench_data): the
+    loss under ``autocast()``, backward, gradient clipping at 1.0, the optimizer step, and the
+    subject context cleared."""
+    def step(batch):
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            out = core.losses(batch, generator)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(core.ssr.parameters(), 1.0)
+        optimizer.step()
+        core.set_subject_context(None)
+    return step
+
+
 def time_steps(step, device: torch.device, warmup: int, steps: int):
     """-> (seconds per step, peak memory in GiB or nan)."""
     for _ in range(warmup):
@@ -119,14 +134,10 @@ def main(argv=None) -> int:
     data = random_batch(batch, resolution, clip.config.image_size, device)
     generator = torch.Generator(device=device).manual_seed(0)
 
+    train = make_train_step(core, optimizer, autocast, generator)
+
     def train_step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            out = core.losses(data, generator)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(core.ssr.parameters(), 1.0)
-        optimizer.step()
-        core.set_subject_context(None)
+        train(data)
 
     # The reference point: UNet forward + backward alone, trainable subject branch.
     with torch.no_grad(), autocast():

@@ -245,58 +245,55 @@ def test_ldm_blocks_with_checkpoint_flag(ldm_unet, weights):
 
 # ----------------------------------------------------------------------------- replaced forwards
 
+def _branch_under_replaced_attention(unet, weights, replace, *, seed, rows, scale, fallback_calls):
+    """The subject branch against Eq. 4 (a reference copy with per-instance forwards, made
+    before ``replace()``) once ``replace()`` has swapped in a host's own attention, checked
+    first to be a faithful attention; ``fallback_calls`` layers take the fallback path.
+    -> (handle, plain output under the replaced attention, (x, t, ctx))."""
+    x, t, ctx = unet_inputs(2, seed=seed)
+    tokens = subject_tokens()
+    original_plain = run(unet, x, t, ctx)
+    reference = run(eq4_reference(unet, weights, tokens, rows, scale), x, t, ctx)
+    replace()
+    plain = run(unet, x, t, ctx)
+    assert_close_to(plain, original_plain)  # the replacement itself is a faithful attention
+    handle = install_subject_attention(unet, weights, scale=scale)
+    handle.set_context(tokens)
+    handle.set_rows(rows)
+    assert_close_to(run(unet, x, t, ctx), reference, plain)
+    assert handle.fallback_calls == fallback_calls
+    return handle, plain, (x, t, ctx)
+
+
 def test_class_level_sdpa_forward(ldm_unet, weights, monkeypatch):
     """The WebUI replaces CrossAttention.forward on the class; the hooks still see to_q/to_out."""
     assert type(ldm_unet.get_submodule(LDM_NAMES[0])) is ldm_attention.CrossAttention
-    x, t, ctx = unet_inputs(2, seed=4)
-    tokens = subject_tokens()
-    original_plain = run(ldm_unet, x, t, ctx)
-    reference = run(eq4_reference(ldm_unet, weights, tokens, [0, 1], 0.6), x, t, ctx)  # per-instance forwards
-    monkeypatch.setattr(ldm_attention.CrossAttention, "forward", webui_sdpa_forward)
-    plain = run(ldm_unet, x, t, ctx)
-    assert_close_to(plain, original_plain)  # the replacement itself is a faithful attention
-    handle = install_subject_attention(ldm_unet, weights, scale=0.6)
-    handle.set_context(tokens)
-    handle.set_rows([0, 1])
-    assert_close_to(run(ldm_unet, x, t, ctx), reference, plain)
-    assert handle.fallback_calls == 0
+
+    def replace():
+        monkeypatch.setattr(ldm_attention.CrossAttention, "forward", webui_sdpa_forward)
+
+    handle, plain, inputs = _branch_under_replaced_attention(ldm_unet, weights, replace, seed=4, rows=[0, 1], scale=0.6,
+                                                             fallback_calls=0)
     handle.remove()
-    assert torch.equal(run(ldm_unet, x, t, ctx), plain)
+    assert torch.equal(run(ldm_unet, *inputs), plain)
 
 
 def test_instance_forward_without_module_calls_uses_fallback(ldm_unet, weights):
-    x, t, ctx = unet_inputs(2, seed=5)
-    tokens = subject_tokens()
-    original_plain = run(ldm_unet, x, t, ctx)
-    reference = run(eq4_reference(ldm_unet, weights, tokens, [1, 0], 0.9), x, t, ctx)
-    for module in ldm_unet.modules():
-        if isinstance(module, ldm_attention.CrossAttention):
-            module.forward = types.MethodType(functional_forward, module)
-    plain = run(ldm_unet, x, t, ctx)
-    assert_close_to(plain, original_plain)
-    handle = install_subject_attention(ldm_unet, weights, scale=0.9)
-    handle.set_context(tokens)
-    handle.set_rows([1, 0])
-    assert_close_to(run(ldm_unet, x, t, ctx), reference, plain)
-    assert handle.fallback_calls == 16
+    def replace():
+        for module in ldm_unet.modules():
+            if isinstance(module, ldm_attention.CrossAttention):
+                module.forward = types.MethodType(functional_forward, module)
+
+    handle, plain, inputs = _branch_under_replaced_attention(ldm_unet, weights, replace, seed=5, rows=[1, 0], scale=0.9,
+                                                             fallback_calls=16)
     handle.remove()
-    assert torch.equal(run(ldm_unet, x, t, ctx), plain)
+    assert torch.equal(run(ldm_unet, *inputs), plain)
 
 
 def test_diffusers_processor_without_module_calls_uses_fallback(diffusers_unet_pristine, weights):
     unet = copy.deepcopy(diffusers_unet_pristine)
-    x, t, ctx = unet_inputs(2, seed=6)
-    tokens = subject_tokens()
-    original_plain = run(unet, x, t, ctx)
-    reference = run(eq4_reference(unet, weights, tokens, [0, None], 1.0), x, t, ctx)
-    unet.set_attn_processor(FunctionalDiffusersProcessor())
-    plain = run(unet, x, t, ctx)
-    assert_close_to(plain, original_plain)
-    handle = install_subject_attention(unet, weights)
-    handle.set_context(tokens)
-    handle.set_rows([0, None])
-    assert_close_to(run(unet, x, t, ctx), reference, plain)
-    assert handle.fallback_calls == 16
+    _branch_under_replaced_attention(unet, weights, lambda: unet.set_attn_processor(FunctionalDiffusersProcessor()),
+                                     seed=6, rows=[0, None], scale=1.0, fallback_calls=16)
 
 
 # ----------------------------------------------------------------------------- install / remove

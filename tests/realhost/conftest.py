@@ -23,6 +23,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import build_host  # noqa: E402
+from inprocess_api import ApiRequests, start_api  # noqa: E402
 
 INFO_PATH = os.path.join(build_host.CACHE, "host.json")
 if not os.path.exists(INFO_PATH):
@@ -54,7 +55,7 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(DATA_DIR, ignore_errors=True)
 
 
-class Host:
+class Host(ApiRequests):
     """The started WebUI: ``client`` (TestClient on the WebUI's app), ``shared``, ``script``
     (the loaded SSR script module)."""
 
@@ -71,54 +72,16 @@ class Host:
         initialize.imports()
         initialize.initialize()
 
-        from fastapi import FastAPI
-        from fastapi.testclient import TestClient
-        from modules import initialize_util, script_callbacks, scripts, shared
-        from modules.api.api import Api
-        from modules.call_queue import queue_lock
+        from modules import shared
 
         shared.sd_model  # noqa: B018  (waits for the model that initialize() loads in a thread)
-        self.app = FastAPI()
-        initialize_util.setup_middleware(self.app)
-        self.api = Api(self.app, queue_lock)
-        script_callbacks.before_ui_callback()
-        script_callbacks.app_started_callback(None, self.app)
-        self.client = TestClient(self.app)
-        self.shared = shared
-        self.scripts = scripts
-        self.script = None
-        for data in scripts.scripts_data:
-            if os.path.realpath(data.path).startswith(os.path.realpath(EXTENSION_DIR)):
-                self.script = data.module
-        if self.script is None:
-            raise RuntimeError("the SSR-Encoder script was not loaded by the WebUI")
+        started = start_api(EXTENSION_DIR, "the WebUI")
+        self.app, self.api, self.client = started.app, started.api, started.client
+        self.shared, self.scripts, self.script = started.shared, started.scripts, started.script
 
     @property
     def unet(self):
         return self.shared.sd_model.model.diffusion_model
-
-    def post(self, route: str, payload: dict, status: int = 200) -> dict:
-        r = self.client.post(route, json=payload)
-        assert r.status_code == status, f"{route}: HTTP {r.status_code}: {r.text[:2000]}"
-        return r.json()
-
-    def txt2img(self, **payload) -> dict:
-        payload.setdefault("width", 64)
-        payload.setdefault("height", 64)
-        payload.setdefault("steps", 3)
-        payload.setdefault("sampler_name", "Euler")
-        payload.setdefault("cfg_scale", 5.0)
-        payload.setdefault("seed", 1234)
-        return self.post("/sdapi/v1/txt2img", payload)
-
-    def img2img(self, **payload) -> dict:
-        payload.setdefault("width", 64)
-        payload.setdefault("height", 64)
-        payload.setdefault("steps", 4)
-        payload.setdefault("sampler_name", "Euler")
-        payload.setdefault("cfg_scale", 5.0)
-        payload.setdefault("seed", 1234)
-        return self.post("/sdapi/v1/img2img", payload)
 
     def set_options(self, **opts) -> None:
         r = self.client.post("/sdapi/v1/options", json=opts)

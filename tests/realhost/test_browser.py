@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -34,28 +33,13 @@ from PIL import Image, ImageDraw
 
 import build_host
 import payloads as pl
+from servers import free_port, listening_pid, log_tail, server_pids
 
 INFO = json.load(open(os.path.join(build_host.CACHE, "host.json")))
 HERE = os.path.dirname(os.path.abspath(__file__))
 START_TIMEOUT = float(os.environ.get("SSR_BROWSER_START_TIMEOUT", "300"))
 STEP_TIMEOUT = float(os.environ.get("SSR_BROWSER_STEP_TIMEOUT", "120"))
 SESSION_TIMEOUT = 900
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _listener(port: int):
-    """PID listening on 127.0.0.1:port (``ss -ltnp``), or None."""
-    try:
-        out = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    found = re.search(r"pid=(\d+)", out)
-    return int(found.group(1)) if found else None
 
 
 def _screenshot_dir() -> str:
@@ -77,7 +61,7 @@ class UIServer:
     """``launch.py`` with its UI, in its own process group, from a WebUI tree at ``webui``."""
 
     def __init__(self, webui: str, data_dir: str, log_path: str):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         cmd = [INFO["python"], "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--use-cpu", "all",
@@ -90,11 +74,7 @@ class UIServer:
                                      preexec_fn=build_host.die_with_parent)
 
     def log_tail(self, chars: int = 5000) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()[-chars:]
-        except OSError:
-            return ""
+        return log_tail(self.log_path, chars)
 
     def wait_ready(self) -> float:
         """Until the UI page and the extension's /ssr/version route answer."""
@@ -113,14 +93,7 @@ class UIServer:
         raise AssertionError(f"the WebUI did not serve its UI within {START_TIMEOUT:.0f} s; its log ends:\n{self.log_tail()}")
 
     def stop(self) -> None:
-        pids = {self.proc.pid}
-        owner = _listener(self.port)
-        if owner is not None:
-            try:
-                if os.getsid(owner) == self.proc.pid:  # in our session, not a stranger on a reused port
-                    pids.add(owner)
-            except OSError:
-                pass
+        pids = server_pids(self.proc, self.port)
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in pids:
                 try:
@@ -129,7 +102,7 @@ class UIServer:
                     pass
             try:
                 self.proc.wait(timeout=20)
-                if _listener(self.port) is None:
+                if listening_pid(self.port) is None:
                     break
             except subprocess.TimeoutExpired:
                 pass

@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import textwrap
@@ -35,6 +34,7 @@ from PIL import Image
 
 import build_host
 import payloads as pl
+from servers import free_port, listening_pid, log_tail, server_pids
 
 INFO = json.load(open(os.path.join(build_host.CACHE, "host.json")))
 START_TIMEOUT = float(os.environ.get("SSR_HTTP_START_TIMEOUT", "300"))
@@ -46,29 +46,13 @@ AUTH = ("user", "pass")
 
 # ------------------------------------------------------------------------------ the server
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_owner(port: int):
-    """PID of the process listening on 127.0.0.1:port, from ``ss -ltnp``, or None."""
-    try:
-        out = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    found = re.search(r"pid=(\d+)", out)
-    return int(found.group(1)) if found else None
-
-
 class Server:
     """One ``launch.py`` process with its own --data-dir; stopped with its process group."""
 
     def __init__(self, name: str, extra_args=(), controlnet: bool = True, ckpt: str = TINY_CKPT):
         self.data_dir = tempfile.mkdtemp(prefix=f"ssr-http-{name}-")
         build_host.make_data_dir(self.data_dir, INFO, controlnet=controlnet)
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(self.data_dir, "server.log")
         self.auth = None
@@ -83,11 +67,7 @@ class Server:
                                      preexec_fn=build_host.die_with_parent)
 
     def log_tail(self, chars: int = 6000) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()[-chars:]
-        except OSError:
-            return ""
+        return log_tail(self.log_path, chars)
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> float:
         """Poll GET /ssr/version (the extension's route: the server is up and the extension's
@@ -114,14 +94,7 @@ class Server:
         return api
 
     def stop(self) -> None:
-        pids = {self.proc.pid}
-        owner = _port_owner(self.port)
-        if owner is not None:
-            try:
-                if os.getsid(owner) == self.proc.pid:  # ours (its own session), not a stranger on a reused port
-                    pids.add(owner)
-            except OSError:
-                pass
+        pids = server_pids(self.proc, self.port)
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in pids:
                 try:
@@ -154,7 +127,7 @@ def server():
     try:
         srv.started_in = srv.wait_ready()
         print(f"\n[http] WebUI answered after {srv.started_in:.0f} s on port {srv.port}")
-        owner = _port_owner(srv.port)
+        owner = listening_pid(srv.port)
         assert owner is not None and os.getsid(owner) == srv.proc.pid, \
             f"port {srv.port} is held by pid {owner}, not by the server started here ({srv.proc.pid})"
         srv.api = srv.client()
@@ -172,7 +145,7 @@ def server():
     finally:
         srv.stop()
         srv.cleanup()
-    assert _port_owner(srv.port) is None, f"something still listens on port {srv.port} after stopping the server"
+    assert listening_pid(srv.port) is None, f"something still listens on port {srv.port} after stopping the server"
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "realhost"))
 import build_host  # noqa: E402
+from inprocess_api import ApiRequests, start_api  # noqa: E402
 
 FORK = os.environ.get("SSR_FORK", "")
 INFO_PATH = os.path.join(build_host.CACHE, "forks.json")
@@ -73,7 +74,7 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(DATA_DIR, ignore_errors=True)
 
 
-class Fork:
+class Fork(ApiRequests):
     """The started fork: ``client`` (TestClient on its app), ``shared``, ``script`` (the loaded
     SSR script module), ``name``."""
 
@@ -94,30 +95,14 @@ class Fork:
         initialize.imports()
         initialize.initialize()
 
-        from fastapi import FastAPI
-        from fastapi.testclient import TestClient
-        from modules import initialize_util, script_callbacks, scripts, shared
-        from modules.api.api import Api
-        from modules.call_queue import queue_lock
         from modules_forge import main_thread
 
         threading.Thread(target=main_thread.loop, daemon=True).start()
 
-        self.app = FastAPI()
-        initialize_util.setup_middleware(self.app)
-        self.api = Api(self.app, queue_lock)
-        script_callbacks.before_ui_callback()
-        script_callbacks.app_started_callback(None, self.app)
-        self.client = TestClient(self.app)
-        self.shared = shared
-        self.scripts = scripts
-        self.script = None
-        for data in scripts.scripts_data:
-            if os.path.realpath(data.path).startswith(os.path.realpath(EXTENSION_DIR)):
-                self.script = data.module
-        if self.script is None:
-            raise RuntimeError("the SSR-Encoder script was not loaded by the fork")
-        if not hasattr(shared.sd_model, "forge_objects"):  # Forge loads the checkpoint at the first generation
+        started = start_api(EXTENSION_DIR, "the fork")
+        self.app, self.api, self.client = started.app, started.api, started.client
+        self.shared, self.scripts, self.script = started.shared, started.scripts, started.script
+        if not hasattr(self.shared.sd_model, "forge_objects"):  # Forge loads the checkpoint at the first generation
             self.txt2img(prompt="warm up", steps=1)
 
     @property
@@ -128,20 +113,6 @@ class Fork:
     def unet(self):
         """The UNet module both forks sample with (in the UNet patcher)."""
         return self.sd_model.forge_objects.unet.model.diffusion_model
-
-    def post(self, route: str, payload: dict, status: int = 200) -> dict:
-        r = self.client.post(route, json=payload)
-        assert r.status_code == status, f"{route}: HTTP {r.status_code}: {r.text[:2000]}"
-        return r.json()
-
-    def txt2img(self, **payload) -> dict:
-        payload.setdefault("width", 64)
-        payload.setdefault("height", 64)
-        payload.setdefault("steps", 3)
-        payload.setdefault("sampler_name", "Euler")
-        payload.setdefault("cfg_scale", 5.0)
-        payload.setdefault("seed", 1234)
-        return self.post("/sdapi/v1/txt2img", payload)
 
 
 _FORK = {}

@@ -414,9 +414,14 @@ class SSRRuntime:
     def not_applied_reason(p, request) -> Optional[str]:
         """Why an enabled, valid request would change nothing, decided before sampling: every
         subject's weight is 0, or the start/end window holds no step of any sampling pass
-        (from ``p.steps``, the hires pass's steps, the sampler and the img2img strength)."""
+        (from ``p.steps``, the hires pass's steps, the sampler and the img2img strength). On a
+        host with a UNet patcher (Forge, reForge) the window is in sigmas (the host's
+        ``percent_to_sigma``), which step counts cannot predict for every scheduler: there
+        ``after_batch`` says so when no UNet call fell in it."""
         if all(s.weight == 0 for s in request.subjects):
             return "every subject's weight is 0"
+        if patcher.serves_by_patches(getattr(p, "sd_model", None)):
+            return None
         passes = sampling_passes(p, _second_order, _img2img_fix_steps())
         return window_not_applied_reason(request.start, request.end, passes)
 

@@ -16,6 +16,8 @@ OUT/ (each top-level folder is linked into a fork session's ``models/``):
                                                 download it at the first generation otherwise)
     ssr_encoder/full_ssr.safetensors            our single file, widths of the SD1.5 UNet
     clip_vision/tiny-clip-vit/                  Hugging Face CLIPVisionModel folder (tiny)
+    ControlNet/control_sd15_random.safetensors         ControlNet v1 layout for the SD1.5 UNet (fp16),
+                                                       for the forks' built-in ControlNet
     ControlNet/ip-adapter_sd15_random.safetensors      IP-Adapter (ip-adapter_sd15 layout) for the
                                                        built-in IP-Adapter, widths of the SD1.5 UNet
     ControlNetPreprocessor/CLIP-ViT-H-14.safetensors   CLIP ViT-H/14 vision tower + projection at full
@@ -71,7 +73,8 @@ def main(out: str) -> None:
     ckpts = os.path.join(out, "Stable-diffusion")
     os.makedirs(ckpts, exist_ok=True)
     unet = tm.ldm_unet_sd1(model_channels=CHANNELS, context_dim=TEXT_WIDTH, seed=55)
-    sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+    unet_sd = unet.state_dict()
+    sd = {"model.diffusion_model." + k: v for k, v in unet_sd.items()}
     del unet
     sd.update({"first_stage_model." + k: v for k, v in vae().items()})
     sd.update({"cond_stage_model.transformer." + k: v for k, v in text_model().state_dict().items()
@@ -96,6 +99,10 @@ def main(out: str) -> None:
 
     cn_dir = os.path.join(out, "ControlNet")
     os.makedirs(cn_dir, exist_ok=True)
+    control = make_models.controlnet_state_dict(unet_sd, CHANNELS, seed=67)
+    del unet_sd
+    save_file({k: v.half().contiguous() for k, v in control.items()}, os.path.join(cn_dir, "control_sd15_random.safetensors"))
+    del control
     ip = make_models.ip_adapter_state_dict(sd1_widths(CHANNELS), seed=63)
     save_file({k: v.half().contiguous() for k, v in ip.items()}, os.path.join(cn_dir, "ip-adapter_sd15_random.safetensors"))
     pre = os.path.join(out, "ControlNetPreprocessor")

@@ -1,8 +1,9 @@
 """End to end over HTTP: the fork started as a user starts it (``launch.py --nowebui --api``
 in its own process, this extension cloned into its extensions folder), driven over a real
 socket. One run: plain vs SSR (two subjects, one by text, one by a painted mask; prompt =
-negative prompt) vs scale 0, then plain again (nothing of ours was left installed: the same
-pixels as the first plain image).
+negative prompt) vs scale 0, the built-in IP-Adapter alone and with SSR, then plain again
+(nothing of ours or of the IP-Adapter was left installed: the same pixels as the first plain
+image).
 
 Runs before the in-process tests (file order), so the two fork processes never overlap.
 """
@@ -104,5 +105,20 @@ def test_plain_ssr_scale0_over_http(server):
     assert np.abs(with_ssr - plain).max() > 0
     zero, info0 = _txt2img(server, alwayson_scripts=pl.alwayson(dict(unit, scale=0.0)))
     assert np.array_equal(zero, plain), info0
+
+    # The fork's built-in IP-Adapter (a ControlNet unit) with SSR, then alone again.
+    models = requests.get(server + "/controlnet/model_list", timeout=60)
+    assert models.status_code == 200, models.text[:500]
+    ip_models = [n for n in models.json()["model_list"] if n.startswith("ip-adapter_sd15_random")]
+    assert ip_models, models.json()
+    ip_model = ip_models[0]
+    ip_unit = {"enabled": True, "module": "CLIP-ViT-H (IPAdapter)", "model": ip_model, "weight": 0.8,
+               "image": pl.encode(pl.reference_image(5, 224, 224)), "resize_mode": "Crop and Resize"}
+    ip_only, ip_info = _txt2img(server, alwayson_scripts={"ControlNet": {"args": [ip_unit]}})
+    both, both_info = _txt2img(server, alwayson_scripts=dict({"ControlNet": {"args": [ip_unit]}}, **pl.alwayson(unit)))
+    assert "SSR-Encoder: True" in both_info and "SSR error" not in both_info, both_info
+    assert np.abs(ip_only - plain).max() > 0, f"the IP-Adapter changed nothing: {ip_info}"
+    assert np.abs(both - ip_only).max() > 0, "SSR changed nothing beside the IP-Adapter"
+
     again, _ = _txt2img(server)
     assert np.array_equal(again, plain)

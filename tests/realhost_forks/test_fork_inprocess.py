@@ -13,7 +13,10 @@ Checked:
   ours chains to it: the reference calls the same patch;
 * cond and uncond in separate UNet calls (the host's low-memory path, forced) give the same
   numbers; a skipped uncond (CFG scale 1) is served;
-* the fork's built-in IP-Adapter (a ControlNet unit) and SSR together;
+* a partial start/end window follows the host's sigmas (calls outside it are plain), and a
+  window no call falls in is reported not applied;
+* the fork's built-in IP-Adapter (a ControlNet unit) and its built-in ControlNet, each with
+  SSR in one generation;
 * never silently not applied: forcing each bypass reports "not applied" with the reason
   (module hooks beside a replace patch, the host's path that calls to_q/to_out directly;
   the attn2 patches dropped from the UNet call).
@@ -128,24 +131,39 @@ class ReferencePatch:
         return out + self.scale * extra_rows
 
 
+def _control_copy(control):
+    """A ControlNet residual dict {"input"|"middle"|"output": [tensor, ...]} with its own lists
+    (the UNet pops the residuals off them as it uses them)."""
+    return {name: list(residuals) for name, residuals in control.items()} if isinstance(control, dict) else control
+
+
 class UNetRecorder:
-    """Forward hook on the UNet: every call's inputs (after the pre-hooks) and output."""
+    """Forward hook on the UNet: every call's inputs (after the pre-hooks) and output; the
+    ControlNet residuals as they were before the call."""
 
     def __init__(self, unet, limit=2):
         self.unet, self.calls, self.limit = unet, [], limit
+        self._control = None
 
     def __enter__(self):
+        def before(module, args, kwargs):
+            self._control = _control_copy(kwargs.get("control"))
+
         def hook(module, args, kwargs, output):
             if len(self.calls) < self.limit:
                 opts = dict(kwargs.get("transformer_options", {}))
+                kept = {k: v for k, v in kwargs.items() if k != "transformer_options"}
+                if "control" in kept:
+                    kept["control"] = self._control
                 self.calls.append((tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args),
-                                   {k: v for k, v in kwargs.items() if k != "transformer_options"}, opts,
-                                   output.detach().clone()))
-        self.handle = self.unet.register_forward_hook(hook, with_kwargs=True)
+                                   kept, opts, output.detach().clone()))
+        self.handles = [self.unet.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
+                        self.unet.register_forward_hook(hook, with_kwargs=True)]
         return self
 
     def __exit__(self, *exc):
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
 
 
 def _leftovers(fork):
@@ -196,28 +214,36 @@ def test_plain_ssr_scale0_and_nothing_left(fork):
     assert _leftovers(fork) == []
 
 
-def _check_against_reference(fork, rec, subjects, scale, previous=None):
+def _check_against_reference(fork, rec, subjects, scale, previous=None, window=None):
     """Every recorded UNet call's output against the same call with the reference patches
-    (and the plain one, to see that the branch moved it). -> the cond_or_uncond marks seen."""
+    (and the plain one, to see that the branch moved it). With ``window`` = (sigma at start,
+    sigma at end), a call whose sigma is outside (end, start] must equal the plain one instead.
+    -> the cond_or_uncond marks seen, or with ``window`` the set of (marks, in window)."""
     assert rec.calls
     weights, encoded = _reference_tokens(fork, subjects)
     patches = {key: ReferencePatch(pos, weights, encoded, scale, previous) for key, pos in _keys().items()}
     plain_patches = {key: (previous if previous is not None else (lambda q, k, v, e: attend(q, k, v, e["n_heads"])))
                      for key in _keys()}
-    marks_seen = set()
+    seen = set()
     for args, kwargs, opts, out in rec.calls:
-        marks_seen.add(tuple(opts["cond_or_uncond"]))
+        marks = tuple(opts["cond_or_uncond"])
+        sigma = float(opts["sigmas"].max())
+        on = window is None or window[1] < sigma <= window[0]
+        seen.add((marks, on))
         assert out.dtype == torch.float32
         opts = {k: v for k, v in opts.items() if k != "patches_replace"}
         with torch.no_grad():
-            want = fork.unet(*args, **kwargs, transformer_options=dict(opts, patches_replace={"attn2": patches}))
-            plain = fork.unet(*args, **kwargs, transformer_options=dict(opts, patches_replace={"attn2": plain_patches}))
-        err = (out.float() - want.float()).abs().max().item()
-        size = want.float().abs().max().item()
+            want = fork.unet(*args, **dict(kwargs, control=_control_copy(kwargs.get("control"))),
+                             transformer_options=dict(opts, patches_replace={"attn2": patches}))
+            plain = fork.unet(*args, **dict(kwargs, control=_control_copy(kwargs.get("control"))),
+                              transformer_options=dict(opts, patches_replace={"attn2": plain_patches}))
+        target = want if on else plain
+        err = (out.float() - target.float()).abs().max().item()
+        size = target.float().abs().max().item()
         moved = (plain.float() - want.float()).abs().max().item()
-        assert err <= TOL * size, f"max error {err:.3g} vs {TOL} x {size:.3g}"
+        assert err <= TOL * size, f"sigma {sigma:.4g} ({'in' if on else 'outside'} the window): max error {err:.3g} vs {TOL} x {size:.3g}"
         assert moved > 100 * TOL * size, f"the branch moved the prediction by only {moved:.3g}"
-    return marks_seen
+    return seen if window is not None else {m for m, _ in seen}
 
 
 @pytest.mark.parametrize("chained", [False, True], ids=["alone", "after-foreign-patch"])
@@ -255,6 +281,61 @@ def test_skipped_uncond_is_served(fork):
                               alwayson_scripts=pl.alwayson(_unit(*_payload_subjects(_subjects(1)))))
     assert "SSR error" not in result["info"], result["info"]
     assert {tuple(o["cond_or_uncond"]) for _, _, o, _ in rec.calls} == {(0,)}
+
+
+def _percent_to_sigma(fork):
+    """The host's own percent -> sigma of the loaded model (reForge: ``model_sampling``,
+    Forge: ``predictor``)."""
+    model = fork.sd_model.forge_objects.unet.model
+    return (getattr(model, "model_sampling", None) or model.predictor).percent_to_sigma
+
+
+def test_partial_window_follows_the_host_sigmas(fork):
+    """start 0.3, end 0.8 over 5 steps: the calls whose sigma lies in (sigma(0.8), sigma(0.3)]
+    (the host's ``percent_to_sigma``) carry the branch, checked against the reference; the
+    others equal the plain UNet. Both kinds occur."""
+    subjects, scale, start, end = _subjects(1), 0.8, 0.3, 0.8
+    to_sigma = _percent_to_sigma(fork)
+    window = (float(to_sigma(start)), float(to_sigma(end)))
+    with UNetRecorder(fork.unet, limit=10) as rec:
+        result = fork.txt2img(prompt="a cat", negative_prompt="blurry", steps=5, alwayson_scripts=pl.alwayson(
+            _unit(*_payload_subjects(subjects), scale=scale, start=start, end=end)))
+    assert "SSR error" not in result["info"] and "SSR-Encoder: True" in result["info"], result["info"]
+    seen = _check_against_reference(fork, rec, subjects, scale, window=window)
+    assert {on for _, on in seen} == {True, False}, (window, [float(o["sigmas"].max()) for _, _, o, _ in rec.calls])
+    assert _leftovers(fork) == []
+
+
+def _empty_window(to_sigma, sigmas):
+    """The widest [start, end) on a 1/1000 grid whose sigma window (to_sigma(end), to_sigma(start)]
+    holds none of ``sigmas``."""
+    grid = [i / 1000 for i in range(1001)]
+    sig = [float(to_sigma(p)) for p in grid]
+    best = None
+    for i in range(len(grid)):
+        for j in range(i + 1, len(grid)):
+            if any(sig[j] < s <= sig[i] for s in sigmas):
+                break
+            if best is None or j - i > best[1] - best[0]:
+                best = (i, j)
+    assert best is not None and best[1] - best[0] >= 10, (sigmas, best)
+    return grid[best[0]], grid[best[1]]
+
+
+def test_window_with_no_sampler_step_is_reported(fork):
+    """A window between two of the sampler's sigmas (found from a plain run's UNet calls):
+    no call falls in it, so the image is the plain one and the infotext says not applied
+    after sampling, never "SSR-Encoder: True"."""
+    base = dict(prompt="a photo of a cat", negative_prompt="blurry")
+    with UNetRecorder(fork.unet, limit=10) as rec:
+        plain = fork.txt2img(**base)
+    start, end = _empty_window(_percent_to_sigma(fork), [float(o["sigmas"].max()) for _, _, o, _ in rec.calls])
+    result = fork.txt2img(**base, alwayson_scripts=pl.alwayson(
+        _unit(*_payload_subjects(_subjects(1)), start=start, end=end)))
+    assert np.array_equal(_image(result), _image(plain)), (start, end, result["info"])
+    assert "SSR-Encoder: True" not in result["info"] and "SSR error" not in result["info"], result["info"]
+    assert "covered none of the sampler's steps" in result["info"], result["info"]
+    assert _leftovers(fork) == []
 
 
 def test_bypass_module_hooks_beside_a_replace_patch_is_reported(fork, foreign_patch, monkeypatch):
@@ -307,13 +388,7 @@ def test_builtin_ip_adapter_together(fork):
     """The fork's own IP-Adapter (a ControlNet unit: "CLIP-ViT-H (IPAdapter)" with an
     ip-adapter_sd15 model) and SSR in one generation: both applied (ours chained to its attn2
     patch on every key), and without ours its image is exactly what it was."""
-    import importlib
-
-    global_state = importlib.import_module("lib_controlnet.global_state")  # the fork's built-in ControlNet
-    global_state.update_controlnet_filenames()
-    model = [n for n in global_state.get_all_controlnet_names() if n.startswith("ip-adapter_sd15_random")]
-    assert model, global_state.get_all_controlnet_names()
-    unit = {"enabled": True, "module": "CLIP-ViT-H (IPAdapter)", "model": model[0],
+    unit = {"enabled": True, "module": "CLIP-ViT-H (IPAdapter)", "model": _builtin_controlnet_model("ip-adapter_sd15_random"),
             "image": pl.encode(pl.reference_image(5, 224, 224)), "weight": 0.8, "resize_mode": "Crop and Resize"}
     controlnet = {"ControlNet": {"args": [unit]}}
     base = dict(prompt="a cat", negative_prompt="blurry", steps=2)
@@ -332,3 +407,65 @@ def test_builtin_ip_adapter_together(fork):
         assert type(patch).__name__ == "AttentionPatch", key
         assert patch.previous is not None and type(patch.previous).__name__ != "AttentionPatch", key
     assert _leftovers(fork) == []
+
+
+def _builtin_controlnet_model(prefix):
+    import importlib
+
+    global_state = importlib.import_module("lib_controlnet.global_state")  # the fork's built-in ControlNet
+    global_state.update_controlnet_filenames()
+    names = [n for n in global_state.get_all_controlnet_names() if n.startswith(prefix)]
+    assert names, global_state.get_all_controlnet_names()
+    return names[0]
+
+
+def test_builtin_controlnet_together(fork):
+    """The fork's own ControlNet (a unit without preprocessor, a random SD1.5 ControlNet) and
+    SSR in one generation: the ControlNet changes the image, SSR changes it further, every
+    UNet call (with the ControlNet's residuals as the host passes them) equals the reference,
+    and without ours the ControlNet image is exactly what it was."""
+    unit = {"enabled": True, "module": "None", "model": _builtin_controlnet_model("control_sd15_random"),
+            "image": pl.encode(pl.reference_image(6, 64, 64)), "weight": 1.0, "resize_mode": "Crop and Resize"}
+    controlnet = {"ControlNet": {"args": [unit]}}
+    subjects, scale = _subjects(1), 0.8
+    base = dict(prompt="a cat", negative_prompt="blurry", steps=2)
+    plain = fork.txt2img(**base)
+    cn_only = fork.txt2img(**base, alwayson_scripts=dict(controlnet))
+    with UNetRecorder(fork.unet, limit=2) as rec:
+        both = fork.txt2img(**base, alwayson_scripts=dict(controlnet, **pl.alwayson(
+            _unit(*_payload_subjects(subjects), scale=scale))))
+    cn_again = fork.txt2img(**base, alwayson_scripts=dict(controlnet))
+    assert "SSR error" not in both["info"] and "SSR-Encoder: True" in both["info"], both["info"]
+    assert np.abs(_image(cn_only) - _image(plain)).max() > 0, "the ControlNet changed nothing"
+    assert np.abs(_image(both) - _image(cn_only)).max() > 0, "SSR changed nothing beside the ControlNet"
+    assert np.array_equal(_image(cn_again), _image(cn_only))
+    assert any(kw.get("control") for _, kw, _, _ in rec.calls), "the UNet calls carried no ControlNet residuals"
+    _check_against_reference(fork, rec, subjects, scale)
+    assert _leftovers(fork) == []
+
+
+
+@pytest.mark.skipif(FORK != "forge", reason="only Forge's backend offloads the text encoder (backend.memory_management)")
+def test_text_encoder_loaded_the_host_way_before_queries(fork, monkeypatch):
+    """Forge keeps the text encoder offloaded until its memory manager loads it: with every
+    model unloaded first, encoding a query not seen before loads the text encoder's patcher
+    through ``memory_management.load_model_gpu`` from our code (not only from the host's own
+    prompt encoding), and the generation applies."""
+    from backend import memory_management
+
+    real = memory_management.load_model_gpu
+    ours = []
+
+    def spy(model):
+        caller = sys._getframe(1).f_code.co_filename
+        if os.sep + "ssr_webui" + os.sep in caller:
+            ours.append(model)
+        return real(model)
+
+    monkeypatch.setattr(memory_management, "load_model_gpu", spy)
+    memory_management.unload_all_models()
+    subject = {"image": pl.encode(pl.reference_image(3)), "query": "a query no test encoded before", "weight": 1.0}
+    result = fork.txt2img(prompt="a photo of a cat", negative_prompt="blurry", steps=2,
+                          alwayson_scripts=pl.alwayson(_unit(subject)))
+    assert "SSR error" not in result["info"] and "SSR-Encoder: True" in result["info"], result["info"]
+    assert any(model is fork.sd_model.forge_objects.clip.patcher for model in ours), ours

@@ -13,7 +13,6 @@ import base64
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,20 +27,15 @@ from conftest import CKPT, CLIP, FORK, FORK_INFO, SSR_MODEL, make_data_dir
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "realhost"))
 import payloads as pl  # noqa: E402
+from servers import free_port  # noqa: E402
 
 STARTUP_S = 900
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server():
     data_dir = make_data_dir(tempfile.mkdtemp(prefix=f"ssr-{FORK}-http-"))
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     env.update({"HF_HOME": os.path.join(data_dir, "hf_home"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false"})

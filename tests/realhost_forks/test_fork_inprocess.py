@@ -384,31 +384,6 @@ def test_hires_pass_is_patched_again(fork):
     assert _leftovers(fork) == []
 
 
-def test_builtin_ip_adapter_together(fork):
-    """The fork's own IP-Adapter (a ControlNet unit: "CLIP-ViT-H (IPAdapter)" with an
-    ip-adapter_sd15 model) and SSR in one generation: both applied (ours chained to its attn2
-    patch on every key), and without ours its image is exactly what it was."""
-    unit = {"enabled": True, "module": "CLIP-ViT-H (IPAdapter)", "model": _builtin_controlnet_model("ip-adapter_sd15_random"),
-            "image": pl.encode(pl.reference_image(5, 224, 224)), "weight": 0.8, "resize_mode": "Crop and Resize"}
-    controlnet = {"ControlNet": {"args": [unit]}}
-    base = dict(prompt="a cat", negative_prompt="blurry", steps=2)
-    plain = fork.txt2img(**base)
-    ip_only = fork.txt2img(**base, alwayson_scripts=dict(controlnet))
-    with UNetRecorder(fork.unet, limit=1) as rec:
-        both = fork.txt2img(**base, alwayson_scripts=dict(controlnet, **pl.alwayson(_unit(*_payload_subjects(_subjects(1))))))
-    ip_again = fork.txt2img(**base, alwayson_scripts=dict(controlnet))
-    assert "SSR error" not in both["info"] and "SSR-Encoder: True" in both["info"], both["info"]
-    assert np.abs(_image(ip_only) - _image(plain)).max() > 0, "the IP-Adapter changed nothing"
-    assert np.abs(_image(both) - _image(ip_only)).max() > 0, "SSR changed nothing beside the IP-Adapter"
-    assert np.array_equal(_image(ip_again), _image(ip_only))
-    attn2 = rec.calls[0][2]["patches_replace"]["attn2"]
-    for key in _keys():
-        patch = attn2.get(key, attn2.get(key + (0,)))
-        assert type(patch).__name__ == "AttentionPatch", key
-        assert patch.previous is not None and type(patch.previous).__name__ != "AttentionPatch", key
-    assert _leftovers(fork) == []
-
-
 def _builtin_controlnet_model(prefix):
     import importlib
 
@@ -419,30 +394,52 @@ def _builtin_controlnet_model(prefix):
     return names[0]
 
 
-def test_builtin_controlnet_together(fork):
-    """The fork's own ControlNet (a unit without preprocessor, a random SD1.5 ControlNet) and
-    SSR in one generation: the ControlNet changes the image, SSR changes it further, every
-    UNet call (with the ControlNet's residuals as the host passes them) equals the reference,
-    and without ours the ControlNet image is exactly what it was."""
-    unit = {"enabled": True, "module": "None", "model": _builtin_controlnet_model("control_sd15_random"),
-            "image": pl.encode(pl.reference_image(6, 64, 64)), "weight": 1.0, "resize_mode": "Crop and Resize"}
+def _beside_a_builtin_unit(fork, unit, subjects, scale, limit):
+    """Plain, the built-in ControlNet ``unit`` alone, the unit with SSR (its UNet calls
+    recorded), the unit alone again: both applied, each changing the image, and the unit's
+    image exactly what it was before ours ran. -> the recorder."""
+    what = unit["module"] if unit["module"] != "None" else unit["model"]
     controlnet = {"ControlNet": {"args": [unit]}}
-    subjects, scale = _subjects(1), 0.8
     base = dict(prompt="a cat", negative_prompt="blurry", steps=2)
     plain = fork.txt2img(**base)
-    cn_only = fork.txt2img(**base, alwayson_scripts=dict(controlnet))
-    with UNetRecorder(fork.unet, limit=2) as rec:
+    unit_only = fork.txt2img(**base, alwayson_scripts=dict(controlnet))
+    with UNetRecorder(fork.unet, limit=limit) as rec:
         both = fork.txt2img(**base, alwayson_scripts=dict(controlnet, **pl.alwayson(
             _unit(*_payload_subjects(subjects), scale=scale))))
-    cn_again = fork.txt2img(**base, alwayson_scripts=dict(controlnet))
+    unit_again = fork.txt2img(**base, alwayson_scripts=dict(controlnet))
     assert "SSR error" not in both["info"] and "SSR-Encoder: True" in both["info"], both["info"]
-    assert np.abs(_image(cn_only) - _image(plain)).max() > 0, "the ControlNet changed nothing"
-    assert np.abs(_image(both) - _image(cn_only)).max() > 0, "SSR changed nothing beside the ControlNet"
-    assert np.array_equal(_image(cn_again), _image(cn_only))
+    assert np.abs(_image(unit_only) - _image(plain)).max() > 0, f"{what} changed nothing"
+    assert np.abs(_image(both) - _image(unit_only)).max() > 0, f"SSR changed nothing beside {what}"
+    assert np.array_equal(_image(unit_again), _image(unit_only))
+    assert _leftovers(fork) == []
+    return rec
+
+
+def test_builtin_ip_adapter_together(fork):
+    """The fork's own IP-Adapter (a ControlNet unit: "CLIP-ViT-H (IPAdapter)" with an
+    ip-adapter_sd15 model) and SSR in one generation: both applied (ours chained to its attn2
+    patch on every key), and without ours its image is exactly what it was."""
+    unit = {"enabled": True, "module": "CLIP-ViT-H (IPAdapter)", "model": _builtin_controlnet_model("ip-adapter_sd15_random"),
+            "image": pl.encode(pl.reference_image(5, 224, 224)), "weight": 0.8, "resize_mode": "Crop and Resize"}
+    rec = _beside_a_builtin_unit(fork, unit, _subjects(1), 0.65, limit=1)
+    attn2 = rec.calls[0][2]["patches_replace"]["attn2"]
+    for key in _keys():
+        patch = attn2.get(key, attn2.get(key + (0,)))
+        assert type(patch).__name__ == "AttentionPatch", key
+        assert patch.previous is not None and type(patch.previous).__name__ != "AttentionPatch", key
+
+
+def test_builtin_controlnet_together(fork):
+    """The fork's own ControlNet (a unit without preprocessor, a random SD1.5 ControlNet) and
+    SSR in one generation: both change the image, every recorded UNet call (with the
+    ControlNet's residuals as the host passed them) equals the reference, and without ours
+    the ControlNet image is exactly what it was."""
+    unit = {"enabled": True, "module": "None", "model": _builtin_controlnet_model("control_sd15_random"),
+            "image": pl.encode(pl.reference_image(6, 64, 64)), "weight": 1.0, "resize_mode": "Crop and Resize"}
+    subjects, scale = _subjects(1), 0.8
+    rec = _beside_a_builtin_unit(fork, unit, subjects, scale, limit=2)
     assert any(kw.get("control") for _, kw, _, _ in rec.calls), "the UNet calls carried no ControlNet residuals"
     _check_against_reference(fork, rec, subjects, scale)
-    assert _leftovers(fork) == []
-
 
 
 @pytest.mark.skipif(FORK != "forge", reason="only Forge's backend offloads the text encoder (backend.memory_management)")

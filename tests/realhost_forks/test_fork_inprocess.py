@@ -466,3 +466,31 @@ def test_text_encoder_loaded_the_host_way_before_queries(fork, monkeypatch):
                           alwayson_scripts=pl.alwayson(_unit(subject)))
     assert "SSR error" not in result["info"] and "SSR-Encoder: True" in result["info"], result["info"]
     assert any(model is fork.sd_model.forge_objects.clip.patcher for model in ours), ours
+
+
+def test_patch_registered_after_ours_is_chained(fork, monkeypatch):
+    """Either order: a script that runs after ours registers its own attn2 replace patch on
+    every key of the same patcher clone without calling ours (here: plain attention scaled by
+    1.1). At every UNet call ours is wrapped around it again, so both apply: each call equals
+    the reference with that patch as the base attention."""
+    from ssr_webui import patcher
+
+    install = patcher.install
+
+    def later(q, k, v, extra):
+        return 1.1 * attend(q, k, v, extra["n_heads"])
+
+    def install_then_replaced(session, sd_model, layers):
+        original, clone = install(session, sd_model, layers)
+        for name, number in _keys():
+            clone.set_model_attn2_replace(later, name, number)
+        return original, clone
+
+    monkeypatch.setattr(patcher, "install", install_then_replaced)
+    subjects, scale = _subjects(1), 0.8
+    with UNetRecorder(fork.unet, limit=2) as rec:
+        result = fork.txt2img(prompt="a cat", negative_prompt="blurry", steps=2,
+                              alwayson_scripts=pl.alwayson(_unit(*_payload_subjects(subjects), scale=scale)))
+    assert "SSR error" not in result["info"] and "SSR-Encoder: True" in result["info"], result["info"]
+    _check_against_reference(fork, rec, subjects, scale, previous=later)
+    assert _leftovers(fork) == []

@@ -238,8 +238,12 @@ def _check_mask(mask: np.ndarray, image: Image.Image, name: str) -> None:
 def editor_image_and_mask(value: dict):
     """gradio 4's ``ImageEditor`` value ``{"background", "layers", "composite"}`` -> (the
     uploaded image, the strokes painted over it as a white-on-black mask, or None when no
-    stroke was painted). Any painted pixel (alpha > 0 in any layer) selects."""
+    stroke was painted). Any painted pixel (alpha > 0 in any layer) selects. An editor nothing
+    was uploaded into sends its empty canvas (gradio 4.40: 800x600, every pixel transparent) as
+    the background: that is no image (an empty slot), not a transparent picture."""
     background = value.get("background")
+    if isinstance(background, Image.Image) and "A" in background.getbands() and background.getchannel("A").getextrema()[1] == 0:
+        background = None
     layers = [layer for layer in (value.get("layers") or []) if layer is not None]
     if background is None or not layers:
         return background, None

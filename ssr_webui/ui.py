@@ -110,10 +110,22 @@ def build(script, runtime):
     return controls, fields, [key for _, key in fields]
 
 
+def loaded_sd_model():
+    """The checkpoint a generation would use now. Forge loads it at the first generation (until
+    then ``shared.sd_model`` is a placeholder without a text encoder) through
+    ``sd_models.forge_model_reload()``, which returns the loaded model and loads nothing when it
+    is current: a preview before any generation loads it the same way. Call under
+    ``generation_lock()``."""
+    from modules import sd_models, shared
+
+    reload = getattr(sd_models, "forge_model_reload", None)
+    if callable(reload):
+        return reload()[0]
+    return shared.sd_model
+
+
 def preview_slots(runtime, model_name, clip_name, slot_values):
     """Preview button: -> (gallery items [(overlay, caption)], status HTML)."""
-    from modules import shared
-
     items, notes = [], []
     for slot in range(len(slot_values) // 4):
         image, query, weight, mask_weight = slot_values[4 * slot: 4 * slot + 4]
@@ -126,7 +138,7 @@ def preview_slots(runtime, model_name, clip_name, slot_values):
             continue
         try:
             with generation_lock():
-                heatmap, _, _, _ = runtime.preview(subject, model_name, clip_name, shared.sd_model)
+                heatmap, _, _, _ = runtime.preview(subject, model_name, clip_name, loaded_sd_model())
         except Exception as e:  # noqa: BLE001 - shown to the user, with paths relative to the models folder
             notes.append(scrub_paths(runtime, f"Subject {slot + 1}: {e}"))
             continue

@@ -52,6 +52,8 @@ class StepFailed(Exception):
 
 
 class Session:
+    chromium_args = ()  # added to the command line of headless Chromium
+
     def __init__(self, url: str, out: str, timeout: float):
         self.url = url.rstrip("/")
         self.out = out
@@ -72,7 +74,7 @@ class Session:
         for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
                     "--no-first-run", "--window-size=1400,1800", "--hide-scrollbars",
-                    f"--user-data-dir={self.profile}"):
+                    f"--user-data-dir={self.profile}", *self.chromium_args):
             options.add_argument(arg)
         options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
         self.d = webdriver.Chrome(service=Service(driver), options=options)
@@ -143,14 +145,15 @@ class Session:
         return float(self.el(f"{css} input[type=number]").get_attribute("value"))
 
     def choose(self, css: str, label: str) -> None:
-        """A gradio 3.41 dropdown: click its input, pick the option from the listbox."""
+        """A gradio dropdown: click its input, pick the option from the listbox (gradio 3.41 names
+        an option in ``data-value``, gradio 4 in ``aria-label``)."""
         box = self.el(f"{css} input")
         self.js("arguments[0].scrollIntoView({block: 'center'});", box)
         box.click()
 
         def option(d):
             for li in d.find_elements(By.CSS_SELECTOR, f"{css} ul.options li"):
-                if li.get_attribute("data-value") == label or li.text.strip() == label:
+                if label in (li.get_attribute("data-value"), li.get_attribute("aria-label"), li.text.strip()):
                     return li
             return None
 
@@ -213,6 +216,36 @@ class Session:
     # ------------------------------------------------------------------ the session
 
     def run(self, reference: str) -> None:
+        self.open_accordion_closed()
+        self.enable_accordion()
+
+        self.begin("choose the SSR and CLIP weights")
+        self.choose("#" + P + "model", SSR_MODEL)
+        self.choose("#" + P + "clip_model", CLIP_MODEL)
+        self.set_number("#" + P + "scale", SCALE)
+        self.set_number("#" + P + "start", START)
+        self.set_number("#" + P + "end", END)
+
+        self.begin("upload a reference image into Subject 1, type a query")
+        self.upload_reference(reference)
+        # the sketch tool draws the image into canvases once they have a size
+        self.wait(lambda d: self.js(
+            "const c = document.querySelectorAll('#' + arguments[0] + 'image_1 canvas');"
+            "return c.length > 0 && Array.from(c).every(x => x.width > 0 && x.height > 0);", P),
+            "Subject 1's sketch canvases to get a size")
+        self.type_text("#" + P + "query_1", QUERY)
+        self.scroll_to("#" + P + "enabled")
+        self.shot("accordion-filled", "#" + P + "enabled")
+
+        self.preview(f"'{QUERY}'")
+        png = self.generate(PROMPT, "3", ["SSR-Encoder: True", f"SSR scale: {SCALE}", f"SSR start: {START}",
+                                          f"SSR end: {END}", f"SSR model: {SSR_MODEL}", f"SSR CLIP: {CLIP_MODEL}",
+                                          f"SSR 1 query: {QUERY}", "SSR 1 mode: text"])
+        self.restore_from_png(png)
+        self.fail_on_console_errors()
+
+    def open_accordion_closed(self) -> None:
+        """The txt2img tab with the accordion closed, disabled, titled, with the extension's tooltips."""
         self.begin("open the WebUI, txt2img tab")
         self.open_page()
         acc = self.scroll_to("#" + P + "enabled")
@@ -226,35 +259,23 @@ class Session:
             raise StepFailed("javascript/ssr_encoder.js set no tooltip on the model dropdown (did its onUiLoaded run?)")
         self.shot("txt2img-accordion-closed", "#" + P + "enabled")
 
+    def enable_accordion(self) -> None:
         self.begin("enable the accordion (open it)")
-        acc.find_element(By.CSS_SELECTOR, ".label-wrap").click()
+        self.el("#" + P + "enabled .label-wrap").click()
         self.wait(lambda d: self.checkbox_states() == (True, True, True),
                   "the accordion to open and its checkboxes to be checked")
         if not self.el("#" + P + "model").is_displayed():
             raise StepFailed("the model dropdown is not shown in the opened accordion")
 
-        self.begin("choose the SSR and CLIP weights")
-        self.choose("#" + P + "model", SSR_MODEL)
-        self.choose("#" + P + "clip_model", CLIP_MODEL)
-        self.set_number("#" + P + "scale", SCALE)
-        self.set_number("#" + P + "start", START)
-        self.set_number("#" + P + "end", END)
-
-        self.begin("upload a reference image into Subject 1, type a query")
+    def upload_reference(self, reference: str) -> None:
         upload = self.wait(lambda d: (d.find_elements(By.CSS_SELECTOR, f"#{P}image_1 input[type=file]") or [None])[0],
                            "Subject 1's file input")
         upload.send_keys(os.path.abspath(reference))
         self.wait(lambda d: d.find_elements(By.CSS_SELECTOR, f"#{P}image_1 canvas, #{P}image_1 img"),
                   "the uploaded image to show in Subject 1")
-        # the sketch tool draws the image into canvases once they have a size
-        self.wait(lambda d: self.js(
-            "const c = document.querySelectorAll('#' + arguments[0] + 'image_1 canvas');"
-            "return c.length > 0 && Array.from(c).every(x => x.width > 0 && x.height > 0);", P),
-            "Subject 1's sketch canvases to get a size")
-        self.type_text("#" + P + "query_1", QUERY)
-        self.scroll_to("#" + P + "enabled")
-        self.shot("accordion-filled", "#" + P + "enabled")
 
+    def preview(self, caption_part: str) -> None:
+        """"Preview selection": a heatmap, no note in the status, a caption holding ``caption_part``."""
         self.begin("Preview selection")
         self.scroll_to("#" + P + "preview_button").click()
         thumbs = self.wait(lambda d: d.find_elements(By.CSS_SELECTOR, f"#{P}preview img"),
@@ -263,29 +284,33 @@ class Session:
         if status:
             raise StepFailed(f"the preview wrote a note: {status}")
         caption = self.js("return document.getElementById(arguments[0]).innerText", P + "preview")
-        if f"'{QUERY}'" not in caption:
-            raise StepFailed(f"the preview's caption does not name the query: {caption!r}")
+        if caption_part not in caption:
+            raise StepFailed(f"the preview's caption does not say {caption_part!r}: {caption!r}")
         self.wait(lambda d: self.js("return arguments[0].complete && arguments[0].naturalWidth > 0", thumbs[0]),
                   "the heatmap image to load")
         self.scroll_to("#" + P + "enabled")
         self.shot("preview-heatmap", "#" + P + "enabled")
 
-        self.begin("prompt, 64x64, 3 steps, Generate")
+    def generate(self, prompt: str, steps: str, expected: list) -> str:
+        """A 64x64 txt2img generation; the info under the image must hold every ``expected``
+        text. -> the downloaded PNG's path (its text chunk holds the SSR fields)."""
+        self.begin(f"prompt, 64x64, {steps} steps, Generate")
         self.js("window.scrollTo(0, 0)")
-        self.type_text("#txt2img_prompt", PROMPT)
+        self.type_text("#txt2img_prompt", prompt)
         self.set_number("#txt2img_width", "64")
         self.set_number("#txt2img_height", "64")
-        self.set_number("#txt2img_steps", "3")
+        self.set_number("#txt2img_steps", steps)
         self.el("#txt2img_generate").click()
         image = self.wait(lambda d: (d.find_elements(By.CSS_SELECTOR, "#txt2img_gallery img") or [None])[0],
                           "the generated image in txt2img's gallery")
         info = self.wait(lambda d: (lambda t: t if "Steps:" in t else None)(self.el("#html_info_txt2img").text),
                          "the generation info under the image")
-        expected = ["SSR-Encoder: True", f"SSR scale: {SCALE}", f"SSR start: {START}", f"SSR end: {END}",
-                    f"SSR model: {SSR_MODEL}", f"SSR CLIP: {CLIP_MODEL}", f"SSR 1 query: {QUERY}", "SSR 1 mode: text"]
         missing = [e for e in expected if e not in info]
         if missing:
             raise StepFailed(f"the generation info lacks {missing}: {info!r}")
+        for bad in ("SSR error", "not applied"):
+            if bad in info:
+                raise StepFailed(f"the generation info says '{bad}': {info!r}")
         self.wait(lambda d: d.find_element(By.ID, "txt2img_generate").is_displayed()
                   and not d.find_elements(By.CSS_SELECTOR, "#txt2img_results .progressDiv"),
                   "the generation to finish (Generate shown again, no progress bar)")
@@ -303,7 +328,10 @@ class Session:
             head = f.read()
         if not head.startswith(b"\x89PNG") or b"SSR-Encoder" not in head:
             raise StepFailed(f"the downloaded image ({src}) is not a PNG with the SSR fields in its text chunk")
+        return png
 
+    def restore_from_png(self, png: str) -> None:
+        """After a reload (defaults back), PNG Info with ``png`` and "Send to txt2img" restore the fields."""
         self.begin("reload the page: every field back at its default")
         self.open_page()
         if self.checkbox_states()[:2] != (False, False):
@@ -334,7 +362,6 @@ class Session:
             raise StepFailed("the SSR-Encoder accordion was enabled but not opened by Send to txt2img")
         self.scroll_to("#" + P + "enabled")
         self.shot("restored", "#" + P + "enabled")
-        self.fail_on_console_errors()
 
     def field_values(self) -> dict:
         v = self.checkbox_states()
@@ -352,8 +379,10 @@ class Session:
             shutil.rmtree(self.profile, ignore_errors=True)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(session_class=Session, description: str = __doc__) -> int:
+    """The command line of a session script; ``session_class(url, out, timeout).run(reference)``
+    is the session (browser_session_gradio4.py runs its own through here)."""
+    ap = argparse.ArgumentParser(description=description.split("\n")[0])
     ap.add_argument("--url", required=True, help="the WebUI, e.g. http://127.0.0.1:7860")
     ap.add_argument("--reference", required=True, help="reference image (PNG) to upload")
     ap.add_argument("--out", required=True, help="folder for the screenshots")
@@ -362,7 +391,7 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     session = None
     try:
-        session = Session(args.url, args.out, args.timeout)
+        session = session_class(args.url, args.out, args.timeout)
         session.run(args.reference)
     except Exception as e:  # noqa: BLE001 - reported with the step it happened in
         step = session.step if session else "start the browser"

@@ -51,3 +51,25 @@ def test_parse_subject_reads_an_editor_value_like_a_sketch():
 def test_empty_editor_is_an_empty_slot():
     assert parse_subject({"background": None, "layers": [], "composite": None}, "", 1.0, 2.0,
                          prefix=ui_subject_field(0), slot=0) is None
+
+
+def test_untouched_editor_is_an_empty_slot():
+    """What gradio 4.40 sends for an editor nothing was uploaded into (seen in Forge by the
+    browser test): its empty 800x600 canvas, all transparent, as background, layer and composite.
+    It is an empty slot, not a subject without a query (which failed every Forge generation with
+    an empty slot: 'Subject 2 query: give a query text ...')."""
+    blank = Image.new("RGBA", (800, 600), (0, 0, 0, 0))
+    value = {"background": blank, "layers": [blank.copy()], "composite": blank.copy()}
+    assert editor_image_and_mask(value) == (None, None)
+    assert parse_subject(value, "", 1.0, 5.0, prefix=ui_subject_field(1), slot=1) is None
+    # a query without an upload names the image, as for the sketch tool
+    try:
+        parse_subject(value, "the dog", 1.0, 5.0, prefix=ui_subject_field(1), slot=1)
+    except ValueError as e:
+        assert str(e).startswith("Subject 2: a query was given but no reference image"), e
+    else:
+        raise AssertionError("a query without an image was accepted")
+    # a transparent picture that was uploaded (some pixel not transparent) is still an image
+    partly = blank.copy()
+    partly.putpixel((5, 5), (255, 0, 0, 255))
+    assert editor_image_and_mask({"background": partly, "layers": [], "composite": partly})[0] is partly

@@ -53,9 +53,7 @@ class SSREncoderScript(scripts.Script):
 
 
 def _on_app_started(demo, app):
-    from modules import shared
-
-    routes.register(app, runtime, lambda: shared.sd_model, ui.generation_lock)
+    routes.register(app, runtime, ui.loaded_sd_model, ui.generation_lock)
 
 
 script_callbacks.on_cfg_denoiser(runtime.on_cfg_denoiser)

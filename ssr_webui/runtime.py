@@ -89,13 +89,22 @@ def _text_model(sd_model):
     clip_patcher = getattr(clip, "patcher", None)
 
     def load():
-        if clip_patcher is None:
-            return
-        try:
-            from backend import memory_management
-        except ImportError:  # not Forge's backend
-            return
-        memory_management.load_model_gpu(clip_patcher)
+        if clip_patcher is not None:
+            try:
+                from backend import memory_management
+            except ImportError:  # not Forge's backend
+                memory_management = None
+            if memory_management is not None:
+                memory_management.load_model_gpu(clip_patcher)
+        # Forge's own prompt encoder turns the token and position embeddings to float32 before
+        # it encodes (its other layers cast their weights to the input's dtype), so a half
+        # checkpoint encodes in float32. Our queries may come first (a preview before any
+        # generation): without this they would run in half, which the CPU cannot (LayerNorm).
+        embeddings = getattr(getattr(transformer, "text_model", transformer), "embeddings", None)  # transformers 4 / 5
+        for name in ("token_embedding", "position_embedding"):
+            module = getattr(embeddings, name, None)
+            if isinstance(module, torch.nn.Module) and module.weight.dtype != torch.float32:
+                module.to(dtype=torch.float32)
 
     return transformer, tokenizer, load
 

@@ -1,9 +1,9 @@
 """End to end over HTTP: the fork started as a user starts it (``launch.py --nowebui --api``
 in its own process, this extension cloned into its extensions folder), driven over a real
-socket. One run: plain vs SSR (two subjects, one by text, one by a painted mask; prompt =
-negative prompt) vs scale 0, the built-in IP-Adapter alone and with SSR, then plain again
-(nothing of ours or of the IP-Adapter was left installed: the same pixels as the first plain
-image).
+socket. One run: the preview route before any generation, plain vs SSR (two subjects, one
+by text, one by a painted mask; prompt = negative prompt) vs scale 0, the built-in
+IP-Adapter alone and with SSR, then plain again (nothing of ours or of the IP-Adapter was
+left installed: the same pixels as the first plain image).
 
 Runs before the in-process tests (file order), so the two fork processes never overlap.
 """
@@ -92,6 +92,11 @@ def test_plain_ssr_scale0_over_http(server):
         {"image": pl.encode(pl.reference_image(1)), "mask": pl.encode(pl.box_mask()), "weight": 1.0},
     ]
     unit = pl.ssr_unit(*subjects, scale=0.7, model=SSR_MODEL, clip_model=CLIP)
+    # The preview route before any generation (Forge loads the checkpoint only then).
+    r = requests.post(server + "/ssr/preview", json={"image": subjects[0]["image"], "query": "the red thing",
+                                                      "model": SSR_MODEL, "clip_model": CLIP}, timeout=600)
+    assert r.status_code == 200, r.text[:2000]
+    assert r.json()["mode"] == "text" and r.json()["grid"] > 1, {k: v for k, v in r.json().items() if k != "heatmap"}
     plain, _ = _txt2img(server)
     with_ssr, info = _txt2img(server, alwayson_scripts=pl.alwayson(unit))
     assert "SSR error" not in info and "not applied" not in info, info

@@ -100,11 +100,15 @@ def _text_model(sd_model):
         # it encodes (its other layers cast their weights to the input's dtype), so a half
         # checkpoint encodes in float32. Our queries may come first (a preview before any
         # generation): without this they would run in half, which the CPU cannot (LayerNorm).
+        # Done in inference mode as the host does it: its weights are inference tensors, and
+        # converting them outside that mode breaks the host's next prompt encoding
+        # ("Inference tensors do not track version counter").
         embeddings = getattr(getattr(transformer, "text_model", transformer), "embeddings", None)  # transformers 4 / 5
         for name in ("token_embedding", "position_embedding"):
             module = getattr(embeddings, name, None)
-            if isinstance(module, torch.nn.Module) and module.weight.dtype != torch.float32:
-                module.to(dtype=torch.float32)
+            if isinstance(module, torch.nn.Module) and any(p.dtype != torch.float32 for p in module.parameters()):
+                with torch.inference_mode():
+                    module.to(dtype=torch.float32)
 
     return transformer, tokenizer, load
 

@@ -195,8 +195,9 @@ class Session:
     def drain_console(self) -> None:
         """The page's console errors since the last call, printed with the step they came in.
         Only the extension's own fail the session: the WebUI v1.10.1 page logs others by itself
-        (its CDN iframe-resizer offline; four gradio "reading 'props'" errors per generation,
-        seen with no extension installed)."""
+        (its CDN iframe-resizer offline; gradio's "reading 'props'" twice per Width or Height
+        slider change: the WebUI's JS-only onCalcResolutionHires handler has no outputs but
+        returns six values; the same with no extension installed)."""
         try:
             entries = self.d.get_log("browser")
         except Exception:  # noqa: BLE001 - log not offered by this driver, or no session yet

@@ -30,7 +30,21 @@ SCALE = "0.5"  # the mask default of the README; not the UI default 0.65
 EDITOR = f"#{P}image_1"
 
 
+# gradio 4's ImageEditor draws with pixi.js (WebGL), which headless Chromium renders in software:
+# every editor on the page redraws at the display's frame rate, the GPU process takes a whole
+# core and each browser command then takes seconds. Animation frames are capped at 5 a second
+# for this session; the editors still draw every change, a little later.
+FRAME_CAP = """(() => {
+  const frame = window.requestAnimationFrame.bind(window);
+  window.requestAnimationFrame = (callback) => setTimeout(() => frame(callback), 200);
+})();"""
+
+
 class Gradio4Session(Session):
+    def __init__(self, url: str, out: str, timeout: float):
+        super().__init__(url, out, timeout)
+        self.d.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": FRAME_CAP})
+
     def run(self, reference: str) -> None:
         self.open_accordion_closed()
         self.enable_accordion()

@@ -22,6 +22,7 @@ test_fork_http.py starts its own and before the in-process fork starts (at its f
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -54,7 +55,7 @@ class ForgeUIServer(a1111.UIServer):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        root = FORK_INFO["root"]
+        root = os.path.realpath(FORK_INFO["root"])  # gradio compares resolved paths with the allowed ones
         cmd = [sys.executable, "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--use-cpu", "all",
                "--always-cpu", "--no-half", "--server-name", "127.0.0.1", "--port", str(self.port),
                "--data-dir", data_dir, "--gradio-allowed-path", root, "--no-download-sd-model", "--skip-version-check",
@@ -78,6 +79,12 @@ def test_forge_ui_mask_preview_generate(tmp_path, say):
 
     t0 = time.time()
     data_dir = make_data_dir(str(tmp_path / "data"))
+    config_path = os.path.join(data_dir, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["ssr_encoder_slots"] = 1  # one ImageEditor per tab: each is a WebGL canvas, slow in software
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=1)
     reference = a1111._reference_png(os.path.join(shots, "reference.png"))
     server = ForgeUIServer(data_dir, os.path.join(shots, "forge.log"))
     try:

@@ -42,11 +42,44 @@ STEP_TIMEOUT = float(os.environ.get("SSR_BROWSER_STEP_TIMEOUT", "120"))
 SESSION_TIMEOUT = 900
 
 
-def _screenshot_dir() -> str:
+def screenshot_dir(suffix: str = "") -> str:
+    """``$SSR_SCREENSHOT_DIR``, or a new ``/tmp/ssr-browser-screenshots/<time><suffix>``."""
     path = os.environ.get("SSR_SCREENSHOT_DIR") or os.path.join(
-        tempfile.gettempdir(), "ssr-browser-screenshots", time.strftime("%Y%m%d-%H%M%S"))
+        tempfile.gettempdir(), "ssr-browser-screenshots", time.strftime("%Y%m%d-%H%M%S") + suffix)
     os.makedirs(path, exist_ok=True)
     return os.path.abspath(path)
+
+
+def browser_tools(info: dict, build_command: str) -> str:
+    """-> the browser venv's python; fails with what to install when it or chromium is missing."""
+    browser_python = info.get("browser_python")
+    assert browser_python and os.path.exists(browser_python), (
+        f"the browser venv is not built: run `{build_command}` (host.json has no browser_python)")
+    missing = [b for b in ("chromium", "chromedriver") if not shutil.which(b)]
+    assert not missing, (f"{' and '.join(missing)} not on PATH: apt-get install chromium chromium-driver "
+                         "fonts-noto-color-emoji (.ci/run does it when run as root)")
+    return browser_python
+
+
+def run_browser_session(browser_python: str, script: str, server, reference: str, shots: str, say, host: str) -> None:
+    """Run the session ``script`` (in the browser venv) against the serving ``server``, keep its
+    output in ``shots``/browser_session.log, and fail with it and the end of ``host``'s log
+    unless every step passed. Stops the server in any case."""
+    try:
+        try:
+            run = subprocess.run([browser_python, script, "--url", server.url, "--reference", reference, "--out", shots,
+                                  "--timeout", str(STEP_TIMEOUT)],
+                                 capture_output=True, text=True, timeout=SESSION_TIMEOUT, stdin=subprocess.DEVNULL)
+            output, rc = run.stdout + run.stderr, run.returncode
+        except subprocess.TimeoutExpired as e:
+            output, rc = f"{e.stdout or ''}{e.stderr or ''}\nthe browser session ran past {SESSION_TIMEOUT} s", -1
+        with open(os.path.join(shots, "browser_session.log"), "w") as f:
+            f.write(output)
+        say(output.strip())
+        assert rc == 0, (f"the browser session failed (screenshots and logs in {shots}):\n{output[-4000:]}\n"
+                         f"--- {host}'s log ends:\n{server.log_tail(3000)}")
+    finally:
+        server.stop()
 
 
 def _reference_png(path: str) -> str:
@@ -118,13 +151,8 @@ def say(capsys):
 
 
 def test_browser_session(tmp_path, say):
-    browser_python = INFO.get("browser_python")
-    assert browser_python and os.path.exists(browser_python), (
-        "the browser venv is not built: run `python3 tests/realhost/build_host.py` (host.json has no browser_python)")
-    missing = [b for b in ("chromium", "chromedriver") if not shutil.which(b)]
-    assert not missing, (f"{' and '.join(missing)} not on PATH: apt-get install chromium chromium-driver "
-                         "fonts-noto-color-emoji (.ci/run does it when run as root)")
-    shots = _screenshot_dir()
+    browser_python = browser_tools(INFO, "python3 tests/realhost/build_host.py")
+    shots = screenshot_dir()
     say(f"screenshots: {shots}")
     assert not any(part.startswith(".") for part in str(tmp_path).split(os.sep)), \
         f"the test folder {tmp_path} lies below a dot-folder, which gradio refuses to serve files from"
@@ -137,23 +165,11 @@ def test_browser_session(tmp_path, say):
 
     server = UIServer(webui, data_dir, os.path.join(shots, "webui.log"))
     try:
-        started = server.wait_ready()
-        say(f"WebUI with its UI serving at {server.url} after {started:.0f} s")
-        try:
-            run = subprocess.run([browser_python, os.path.join(HERE, "browser_session.py"), "--url", server.url,
-                                  "--reference", reference, "--out", shots, "--timeout", str(STEP_TIMEOUT)],
-                                 capture_output=True, text=True, timeout=SESSION_TIMEOUT, stdin=subprocess.DEVNULL)
-            output = run.stdout + run.stderr
-            rc = run.returncode
-        except subprocess.TimeoutExpired as e:
-            output, rc = f"{e.stdout or ''}{e.stderr or ''}\nthe browser session ran past {SESSION_TIMEOUT} s", -1
-        with open(os.path.join(shots, "browser_session.log"), "w") as f:
-            f.write(output)
-        say(output.strip())
-        assert rc == 0, (f"the browser session failed (screenshots and logs in {shots}):\n{output[-4000:]}\n"
-                         f"--- the WebUI's log ends:\n{server.log_tail(3000)}")
-    finally:
+        say(f"WebUI with its UI serving at {server.url} after {server.wait_ready():.0f} s")
+    except BaseException:
         server.stop()
+        raise
+    run_browser_session(browser_python, os.path.join(HERE, "browser_session.py"), server, reference, shots, say, "the WebUI")
 
     generated = Image.open(os.path.join(shots, "generated.png"))
     assert generated.size == (64, 64)

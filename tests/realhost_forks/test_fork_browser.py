@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -39,13 +37,12 @@ from conftest import CKPT, FORK, FORK_INFO, INFO, make_data_dir
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "realhost"))
 import build_host  # noqa: E402
-import test_browser as a1111  # noqa: E402  (its UIServer, step timeout, reference picture)
+import test_browser as a1111  # noqa: E402  (its UIServer, tool checks, session runner, reference picture)
 from servers import free_port  # noqa: E402
 from test_browser import say  # noqa: E402,F401  (the fixture)
 
 pytestmark = pytest.mark.skipif(FORK != "forge", reason="gradio 4 UI is Forge's; reForge has the WebUI's gradio 3.41.2 UI, "
                                                         "covered by tests/realhost/test_browser.py")
-SESSION_TIMEOUT = 900
 
 
 class ForgeUIServer(a1111.UIServer):
@@ -67,14 +64,8 @@ class ForgeUIServer(a1111.UIServer):
 
 
 def test_forge_ui_mask_preview_generate(tmp_path, say):
-    browser_python = INFO.get("browser_python")
-    assert browser_python and os.path.exists(browser_python), (
-        "the browser venv is not built: run `python3 tests/realhost/build_host.py --forks`")
-    missing = [b for b in ("chromium", "chromedriver") if not shutil.which(b)]
-    assert not missing, f"{' and '.join(missing)} not on PATH: apt-get install chromium chromium-driver"
-    shots = os.environ.get("SSR_SCREENSHOT_DIR") or os.path.join(
-        tempfile.gettempdir(), "ssr-browser-screenshots", time.strftime("%Y%m%d-%H%M%S") + "-forge")
-    os.makedirs(shots, exist_ok=True)
+    browser_python = a1111.browser_tools(INFO, "python3 tests/realhost/build_host.py --forks")
+    shots = a1111.screenshot_dir("-forge")
     say(f"screenshots: {shots}")
 
     t0 = time.time()
@@ -89,20 +80,11 @@ def test_forge_ui_mask_preview_generate(tmp_path, say):
     server = ForgeUIServer(data_dir, os.path.join(shots, "forge.log"))
     try:
         say(f"Forge with its UI serving at {server.url} after {server.wait_ready():.0f} s")
-        try:
-            run = subprocess.run([browser_python, os.path.join(HERE, "browser_session_gradio4.py"), "--url", server.url,
-                                  "--reference", reference, "--out", shots, "--timeout", str(a1111.STEP_TIMEOUT)],
-                                 capture_output=True, text=True, timeout=SESSION_TIMEOUT, stdin=subprocess.DEVNULL)
-            output, rc = run.stdout + run.stderr, run.returncode
-        except subprocess.TimeoutExpired as e:
-            output, rc = f"{e.stdout or ''}{e.stderr or ''}\nthe browser session ran past {SESSION_TIMEOUT} s", -1
-        with open(os.path.join(shots, "browser_session.log"), "w") as f:
-            f.write(output)
-        say(output.strip())
-        assert rc == 0, (f"the browser session failed (screenshots and logs in {shots}):\n{output[-4000:]}\n"
-                         f"--- Forge's log ends:\n{server.log_tail(3000)}")
-    finally:
+    except BaseException:
         server.stop()
+        raise
+    a1111.run_browser_session(browser_python, os.path.join(HERE, "browser_session_gradio4.py"), server, reference, shots,
+                              say, "Forge")
 
     generated = Image.open(os.path.join(shots, "generated.png"))
     assert generated.size == (64, 64)

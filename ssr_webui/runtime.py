@@ -93,8 +93,8 @@ def _text_model(sd_model):
             try:
                 from backend import memory_management
             except ImportError:  # not Forge's backend
-                memory_management = None
-            if memory_management is not None:
+                pass
+            else:
                 memory_management.load_model_gpu(clip_patcher)
         # Forge's own prompt encoder turns the token and position embeddings to float32 before
         # it encodes (its other layers cast their weights to the input's dtype), so a half
